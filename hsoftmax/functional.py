@@ -1,0 +1,420 @@
+"""The maths of the two-level hierarchical softmax, as pure functions on tensors.
+
+Every class ``c`` sits at a *position* ``p = class_slots[c]`` in ``[0, n_top * n_bottom)``:
+node ``p // n_bottom`` of the top layer and slot ``p % n_bottom`` of that node's bottom layer.
+With the identity mapping this is the paper's split ``node = y // n_bottom``,
+``slot = y % n_bottom``. Positions that hold no class are masked: their probability is exactly 0.
+
+.. math::
+
+    \\log p(c \\mid x) = \\log \\operatorname{softmax}(z W_{top}^T + b_{top})_{node(c)}
+        + \\log \\operatorname{softmax}(z W_{bottom}[node(c)]^T + b_{bottom}[node(c)])_{slot(c)}
+
+where ``z = act(x W_{proj}^T + b_{proj})`` is the hidden vector. All functions here take a
+:class:`HierarchicalOutput` (what :class:`~hsoftmax.HierarchicalSoftmax` returns) and work on any
+number of leading dimensions.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "HierarchicalOutput",
+    "gold_log_prob",
+    "hierarchical_cross_entropy",
+    "log_probs",
+    "predict",
+    "topk",
+]
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+class HierarchicalOutput(NamedTuple):
+    """What :class:`~hsoftmax.HierarchicalSoftmax` returns: everything the loss and inference need.
+
+    It is a plain :class:`~typing.NamedTuple` of tensors (a pytree for ``torch.compile`` and
+    ``torch.export``), not logits: pass it to :class:`~hsoftmax.HierarchicalCrossEntropy` or to
+    the functions of :mod:`hsoftmax.functional`.
+
+    Attributes:
+        hidden: ``(*, hidden)`` the activated projection ``z``.
+        top_logits: ``(*, n_top)`` logits of the top layer; nodes that hold no class are ``-inf``.
+        bottom_weight: ``(n_top, n_bottom, hidden)`` the bottom layers' weights (the parameter).
+        bottom_bias: ``(n_top, n_bottom)`` the bottom layers' biases (the parameter).
+        class_slots: ``(num_classes,)`` the position of every class.
+        slot_classes: ``(n_top * n_bottom,)`` the class at every position (``-1`` where masked),
+            or ``None`` for the identity mapping.
+        slot_mask: ``(n_top, n_bottom)`` bool, ``True`` where a position holds a class, or
+            ``None`` when every position does.
+    """
+
+    hidden: Tensor
+    top_logits: Tensor
+    bottom_weight: Tensor
+    bottom_bias: Tensor
+    class_slots: Tensor
+    slot_classes: Tensor | None
+    slot_mask: Tensor | None
+
+    @property
+    def num_classes(self) -> int:
+        """The number of classes."""
+        return self.class_slots.shape[0]
+
+
+def _log_softmax(logits: Tensor) -> Tensor:
+    """``log_softmax`` over the last dimension, in at least float32 for half-precision logits."""
+    low = logits.dtype in (torch.float16, torch.bfloat16)
+    return F.log_softmax(logits, dim=-1, dtype=torch.float32 if low else None)
+
+
+def _mask_slots(logits: Tensor, mask: Tensor | None) -> Tensor:
+    """Push the logits of empty positions to the dtype's minimum (finite, so that a node
+    without any class still gives a finite, if meaningless, softmax and finite gradients)."""
+    if mask is None:
+        return logits
+    return logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+
+
+def _node_bottom_logits(out: HierarchicalOutput, hidden: Tensor, nodes: Tensor) -> Tensor:
+    """Bottom logits of the given nodes.
+
+    Args:
+        out: the head's output.
+        hidden: ``(N, hidden)``.
+        nodes: ``(N, m)`` node ids per row.
+
+    Returns:
+        ``(N, m, n_bottom)`` masked bottom logits.
+    """
+    n, m = nodes.shape
+    flat_nodes = nodes.reshape(-1)
+    n_bottom = out.bottom_bias.shape[1]
+    weight = out.bottom_weight.index_select(0, flat_nodes).view(n, m * n_bottom, -1)
+    bias = out.bottom_bias.index_select(0, flat_nodes).view(n, m * n_bottom, 1)
+    logits = torch.baddbmm(bias, weight, hidden.unsqueeze(-1))
+    logits = logits.view(n, m, -1)
+    if out.slot_mask is not None:
+        logits = _mask_slots(logits, out.slot_mask.index_select(0, flat_nodes).view(n, m, -1))
+    return logits
+
+
+def _flat(out: HierarchicalOutput) -> tuple[Tensor, Tensor]:
+    """The hidden vectors and top logits with leading dimensions flattened to one."""
+    return out.hidden.reshape(-1, out.hidden.shape[-1]), out.top_logits.reshape(
+        -1, out.top_logits.shape[-1]
+    )
+
+
+def _to_classes(out: HierarchicalOutput, positions: Tensor) -> Tensor:
+    """Map positions to class ids."""
+    if out.slot_classes is None:
+        return positions
+    return out.slot_classes[positions]
+
+
+def _gold_path(out: HierarchicalOutput, target: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Top log-probs ``(N, n_top)``, the target node's bottom log-probs ``(N, n_bottom)``, and
+    the target's node and slot ``(N,)``, for valid class ids ``target`` (not checked)."""
+    hidden, top_logits = _flat(out)
+    position = out.class_slots[target.reshape(-1)]
+    n_bottom = out.bottom_bias.shape[1]
+    node = torch.div(position, n_bottom, rounding_mode="floor")
+    top = _log_softmax(top_logits)
+    bottom = _log_softmax(_node_bottom_logits(out, hidden, node.unsqueeze(1)).squeeze(1))
+    return top, bottom, node, position - node * n_bottom
+
+
+def gold_log_prob(out: HierarchicalOutput, target: Tensor) -> Tensor:
+    """Log-probability of each target class, touching only the target's node.
+
+    This is the teacher-forced path of training: ``O(hidden * (n_top + n_bottom))`` per sample,
+    independent of the number of classes. ``target`` must hold valid class ids (it is not
+    checked here; :func:`hierarchical_cross_entropy` checks it).
+
+    Args:
+        out: the head's output, leading shape ``(*)``.
+        target: ``(*)`` class ids in ``[0, num_classes)``.
+
+    Returns:
+        ``(*)`` the log-probability ``log p(target | x)``.
+
+    Example:
+        >>> import torch, hsoftmax
+        >>> head = hsoftmax.HierarchicalSoftmax(16, n_top=4, n_bottom=5, hidden=8)
+        >>> x, y = torch.randn(3, 16), torch.tensor([0, 7, 19])
+        >>> gold = hsoftmax.functional.gold_log_prob(head(x), y)
+        >>> torch.allclose(gold, head.log_probs(x).gather(1, y[:, None]).squeeze(1))
+        True
+    """
+    top, bottom, node, slot = _gold_path(out, target)
+    gold = top.gather(1, node.unsqueeze(1)) + bottom.gather(1, slot.unsqueeze(1))
+    return gold.view(target.shape)
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"expected reduction in {_REDUCTIONS}, got {reduction!r}")
+
+
+def _check_target(out: HierarchicalOutput, target: Tensor, ignore_index: int) -> None:
+    if not isinstance(target, Tensor):
+        raise TypeError(f"expected target to be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"expected target of an integer dtype (class ids), got {target.dtype}")
+    batch_shape = out.hidden.shape[:-1]
+    if target.shape != batch_shape:
+        raise ValueError(
+            f"expected target of shape {tuple(batch_shape)} (the input's leading dimensions), "
+            f"got {tuple(target.shape)}"
+        )
+    num_classes = out.num_classes
+    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    message = f"expected target in [0, {num_classes}) or ignore_index={ignore_index}"
+    if target.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bool(bad.any()):
+            values = target[bad]
+            raise IndexError(f"{message}, got values in [{int(values.min())}, {int(values.max())}]")
+    else:  # no host sync on accelerators or in compiled graphs
+        torch._assert_async(~bad.any(), message)
+
+
+def hierarchical_cross_entropy(
+    out: HierarchicalOutput,
+    target: Tensor,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Teacher-forced negative log-likelihood of the hierarchical softmax.
+
+    .. math::
+
+        \\ell_i = w_{y_i} \\bigl[-\\log p(node(y_i)) - \\log p(slot(y_i) \\mid node(y_i))\\bigr]
+
+    It is the exact negative log-likelihood of the full distribution, computed from the target
+    node alone. Without label smoothing it equals
+    ``F.cross_entropy(log_probs(out), target, weight, ignore_index=..., reduction=...)``:
+    ``'mean'`` divides by the sum of the weights of the non-ignored targets.
+
+    Label smoothing is applied per level, so that it costs ``O(n_top + n_bottom)`` per sample
+    rather than ``O(num_classes)``: with :math:`\\varepsilon` = ``label_smoothing``,
+
+    .. math::
+
+        \\ell_i = w_{y_i} \\bigl[(1 - \\varepsilon)(-\\log p(t_i) - \\log p(s_i \\mid t_i))
+            + \\varepsilon (\\overline{-\\log p(n)} + \\overline{-\\log p(s \\mid t_i)})\\bigr]
+
+    where the first bar averages over the nodes that hold classes and the second over the
+    classes of the target node ``t_i``. It is ``F.cross_entropy(..., label_smoothing=eps)``
+    applied to the top layer plus the same applied to the target node's bottom layer.
+
+    Args:
+        out: the head's output, leading shape ``(*)``.
+        target: ``(*)`` integer class ids; entries equal to ``ignore_index`` are skipped.
+        weight: optional ``(num_classes,)`` weight of each class. Default: ``None``.
+        ignore_index: target value that contributes nothing. Default: ``-100``.
+        reduction: ``'none'`` | ``'mean'`` | ``'sum'``. Default: ``'mean'``.
+        label_smoothing: :math:`\\varepsilon` in ``[0, 1]``. Default: ``0.0``.
+
+    Returns:
+        The loss: a scalar, or ``(*)`` with ``reduction='none'``.
+
+    Example:
+        >>> import torch, hsoftmax
+        >>> head = hsoftmax.HierarchicalSoftmax(16, n_top=4, n_bottom=5, hidden=8)
+        >>> x, y = torch.randn(3, 16), torch.tensor([0, 7, 19])
+        >>> loss = hsoftmax.functional.hierarchical_cross_entropy(head(x), y)
+        >>> expected = torch.nn.functional.cross_entropy(head.log_probs(x), y)
+        >>> torch.allclose(loss, expected)
+        True
+    """
+    _check_reduction(reduction)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"expected label_smoothing in [0, 1], got {label_smoothing}")
+    _check_target(out, target, ignore_index)
+    if weight is not None and weight.shape != (out.num_classes,):
+        raise ValueError(
+            f"expected weight of shape ({out.num_classes},) (one per class), "
+            f"got {tuple(weight.shape)}"
+        )
+
+    keep = (target != ignore_index).reshape(-1)
+    safe_target = torch.where(keep, target.reshape(-1), torch.zeros_like(keep, dtype=target.dtype))
+    top, bottom, node, slot = _gold_path(out, safe_target)
+    nll = -(top.gather(1, node.unsqueeze(1)) + bottom.gather(1, slot.unsqueeze(1))).squeeze(1)
+    if label_smoothing > 0.0:
+        smooth = _mean_valid(-top, torch.isfinite(top)) + _mean_valid(
+            -bottom, _slot_mask_of(out, node, bottom)
+        )
+        nll = (1.0 - label_smoothing) * nll + label_smoothing * smooth
+
+    sample_weight = keep.to(nll.dtype)
+    if weight is not None:
+        sample_weight = sample_weight * weight.to(nll.dtype)[safe_target]
+    loss = nll * sample_weight
+    if reduction == "none":
+        return loss.view(target.shape)
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / sample_weight.sum()
+
+
+def _slot_mask_of(out: HierarchicalOutput, node: Tensor, like: Tensor) -> Tensor:
+    if out.slot_mask is None:
+        return torch.ones_like(like, dtype=torch.bool)
+    return out.slot_mask.index_select(0, node)
+
+
+def _mean_valid(values: Tensor, valid: Tensor) -> Tensor:
+    """Row means of ``values`` over the ``valid`` entries (invalid ones may be infinite)."""
+    total = torch.where(valid, values, torch.zeros_like(values)).sum(-1)
+    return total / valid.sum(-1)
+
+
+def _all_positions_log_probs(out: HierarchicalOutput) -> Tensor:
+    """``(N, n_top * n_bottom)`` log-probabilities in position order, ``-inf`` where masked."""
+    hidden, top_logits = _flat(out)
+    n_top, n_bottom, width = out.bottom_weight.shape
+    bottom_logits = F.linear(
+        hidden,
+        out.bottom_weight.reshape(n_top * n_bottom, width),
+        out.bottom_bias.reshape(-1),
+    ).view(-1, n_top, n_bottom)
+    bottom = _log_softmax(_mask_slots(bottom_logits, out.slot_mask))
+    result = (_log_softmax(top_logits).unsqueeze(-1) + bottom).view(-1, n_top * n_bottom)
+    if out.slot_mask is not None:
+        result = result.masked_fill(~out.slot_mask.view(-1), float("-inf"))
+    return result
+
+
+def log_probs(out: HierarchicalOutput) -> Tensor:
+    """Exact log-probabilities of every class.
+
+    One matrix product of the hidden vectors with all bottom weights, plus the top
+    log-probabilities: ``O(hidden * num_classes)`` per sample.
+
+    Args:
+        out: the head's output, leading shape ``(*)``.
+
+    Returns:
+        ``(*, num_classes)`` log-probabilities; every row's ``logsumexp`` is 0. Half-precision
+        inputs give float32.
+
+    Example:
+        >>> import torch, hsoftmax
+        >>> head = hsoftmax.HierarchicalSoftmax(16, n_top=4, n_bottom=5, hidden=8, num_classes=18)
+        >>> lp = hsoftmax.functional.log_probs(head(torch.randn(2, 16)))
+        >>> lp.shape, torch.allclose(lp.exp().sum(-1), torch.ones(2))
+        (torch.Size([2, 18]), True)
+    """
+    positions = _all_positions_log_probs(out)
+    num_classes = out.num_classes
+    if out.slot_classes is not None:
+        positions = positions.index_select(1, out.class_slots)
+    elif num_classes < positions.shape[1]:
+        positions = positions[:, :num_classes]
+    return positions.view(*out.hidden.shape[:-1], num_classes)
+
+
+def predict(out: HierarchicalOutput) -> Tensor:
+    """The paper's top-1 routing: the most probable node, then the most probable slot in it.
+
+    It costs ``O(hidden * (n_top + n_bottom))`` per sample, but it is **not** always the most
+    probable class: a class in a less probable node can beat the best class of the best node.
+    Use :func:`topk` with ``k=1`` for the exact argmax.
+
+    Args:
+        out: the head's output, leading shape ``(*)``.
+
+    Returns:
+        ``(*)`` class ids (int64); never a masked position.
+
+    Example:
+        >>> import torch, hsoftmax
+        >>> head = hsoftmax.HierarchicalSoftmax(16, n_top=4, n_bottom=5, hidden=8)
+        >>> hsoftmax.functional.predict(head(torch.randn(3, 16))).shape
+        torch.Size([3])
+    """
+    hidden, top_logits = _flat(out)
+    node = top_logits.argmax(-1)
+    slot = _node_bottom_logits(out, hidden, node.unsqueeze(1)).squeeze(1).argmax(-1)
+    positions = node * out.bottom_weight.shape[1] + slot
+    return _to_classes(out, positions).view(out.hidden.shape[:-1])
+
+
+def topk(out: HierarchicalOutput, k: int) -> tuple[Tensor, Tensor]:
+    """The exact ``k`` most probable classes, sorted like :func:`torch.topk`.
+
+    Since ``p(class) <= p(its node)``, nodes are scanned by decreasing probability: the scan
+    stops once the ``k``-th best class found is at least as probable as the next unscanned
+    node. The number of scanned nodes doubles per round, only for the rows not yet done, so
+    the cost adapts to how peaked the top distribution is (one or two rounds for a trained
+    model, all nodes in the worst case). The answer equals ``log_probs(out).topk(k)`` up to
+    floating-point rounding of the values; ties may be broken differently.
+
+    This has data-dependent control flow (host syncs): under ``torch.compile`` it breaks the
+    graph; for export use ``log_probs(out).topk(k)``.
+
+    Args:
+        out: the head's output, leading shape ``(*)``.
+        k: how many classes, in ``[0, num_classes]``.
+
+    Returns:
+        ``(values, indices)``, each ``(*, k)``: log-probabilities in decreasing order and
+        their class ids.
+
+    Example:
+        >>> import torch, hsoftmax
+        >>> head = hsoftmax.HierarchicalSoftmax(16, n_top=4, n_bottom=5, hidden=8)
+        >>> out = head(torch.randn(3, 16))
+        >>> values, indices = hsoftmax.functional.topk(out, 2)
+        >>> torch.allclose(values, hsoftmax.functional.log_probs(out).topk(2).values)
+        True
+    """
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"expected k to be an int, got {type(k).__name__}")
+    if not 0 <= k <= out.num_classes:
+        raise ValueError(f"expected k in [0, {out.num_classes}] (num_classes), got {k}")
+    hidden, top_logits = _flat(out)
+    n_rows = hidden.shape[0]
+    n_top, n_bottom = out.bottom_bias.shape
+    top = _log_softmax(top_logits)
+    node_lp, node_order = top.sort(dim=-1, descending=True)
+
+    values = top.new_empty(n_rows, k)
+    positions = torch.empty(n_rows, k, dtype=torch.long, device=top.device)
+    rows = torch.arange(n_rows, device=top.device)
+    scanned = min(n_top, -(-k // n_bottom))  # enough nodes to hold k slots
+    while rows.numel() > 0 and k > 0:
+        scanned = min(n_top, max(scanned, 1))
+        nodes = node_order[rows, :scanned]
+        bottom = _log_softmax(_node_bottom_logits(out, hidden[rows], nodes))
+        candidates = (node_lp[rows, :scanned].unsqueeze(-1) + bottom).view(rows.numel(), -1)
+        if out.slot_mask is not None:
+            valid = out.slot_mask.index_select(0, nodes.reshape(-1)).view_as(candidates)
+            candidates = candidates.masked_fill(~valid, float("-inf"))
+        take = min(k, candidates.shape[1])
+        found, where = candidates.topk(take, dim=-1)
+        if scanned == n_top:
+            done = torch.ones_like(rows, dtype=torch.bool)
+        elif take < k:
+            done = torch.zeros_like(rows, dtype=torch.bool)
+        else:
+            done = found[:, -1] >= node_lp[rows, scanned]
+        if bool(done.any()):
+            done_rows = rows[done]
+            chosen = nodes[done].gather(1, torch.div(where[done], n_bottom, rounding_mode="floor"))
+            values[done_rows] = found[done]
+            positions[done_rows] = chosen * n_bottom + where[done] % n_bottom
+        rows = rows[~done]
+        scanned *= 2
+    shape = (*out.hidden.shape[:-1], k)
+    return values.view(shape), _to_classes(out, positions).view(shape)

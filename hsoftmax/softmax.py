@@ -1,0 +1,209 @@
+"""The :class:`HierarchicalSoftmax` layer: parameters, buffers and thin inference methods."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as HF
+from .functional import HierarchicalOutput
+from .grouping import class_layout
+
+__all__ = ["HierarchicalSoftmax"]
+
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "identity": nn.Identity}
+
+
+def _make_activation(activation: str | nn.Module) -> nn.Module:
+    if isinstance(activation, nn.Module):
+        return activation
+    if isinstance(activation, str) and activation in _ACTIVATIONS:
+        return _ACTIVATIONS[activation]()
+    raise ValueError(
+        f"expected activation in {sorted(_ACTIVATIONS)} or an nn.Module, got {activation!r}"
+    )
+
+
+class HierarchicalSoftmax(nn.Module):
+    """A two-level hierarchical softmax head, a drop-in replacement for a final ``nn.Linear``.
+
+    .. math::
+
+        z = act(x W_{proj}^T + b_{proj}), \\qquad
+        \\log p(c \\mid x) = \\log p(node(c) \\mid z) + \\log p(slot(c) \\mid node(c), z)
+
+    The top layer is a softmax over ``n_top`` nodes; each node has its own softmax over
+    ``n_bottom`` slots. Class ``c`` sits at node ``class_slots[c] // n_bottom`` and slot
+    ``class_slots[c] % n_bottom``; by default ``class_slots[c] = c``, the paper's split
+    ``node = y // n_bottom``, ``slot = y % n_bottom``. Positions without a class (when
+    ``num_classes < n_top * n_bottom``) have probability exactly 0 and are never predicted.
+
+    The forward returns a :class:`~hsoftmax.functional.HierarchicalOutput` for
+    :class:`~hsoftmax.HierarchicalCrossEntropy`, which trains on the target's node only.
+    Inference: :meth:`log_probs` (exact, all classes), :meth:`topk` (exact top-k) and
+    :meth:`predict` (the paper's cheap top-1 routing, not always the argmax).
+
+    Args:
+        in_features: size of each input sample.
+        n_top: number of nodes of the top layer.
+        n_bottom: number of slots per node.
+        hidden: size of the projection ``z`` shared by both layers.
+        num_classes: number of classes, at most ``n_top * n_bottom``.
+            Default: ``n_top * n_bottom``, or the length of ``class_slots``.
+        class_slots: optional ``(num_classes,)`` integer tensor of distinct positions in
+            ``[0, n_top * n_bottom)`` (see :mod:`hsoftmax.builders`). Default: the identity.
+        activation: ``'relu'`` (the paper's), ``'gelu'``, ``'tanh'``, ``'identity'``, or any
+            ``nn.Module``. Default: ``'relu'``.
+        device: device of the parameters. Default: ``None``.
+        dtype: floating dtype of the parameters. Default: ``None``.
+
+    Shape:
+        - Input: ``(*, in_features)``.
+        - Output: a ``HierarchicalOutput`` whose tensors have leading shape ``(*)``.
+
+    Attributes:
+        proj: the ``nn.Linear(in_features, hidden)`` projection.
+        top: the ``nn.Linear(hidden, n_top)`` top layer.
+        bottom_weight: ``(n_top, n_bottom, hidden)`` weights of the bottom layers.
+        bottom_bias: ``(n_top, n_bottom)`` biases of the bottom layers.
+        class_slots: ``(num_classes,)`` buffer, the position of every class.
+
+    Example:
+        >>> import torch, hsoftmax
+        >>> head = hsoftmax.HierarchicalSoftmax(32, n_top=10, n_bottom=8, hidden=16)
+        >>> x, y = torch.randn(4, 32), torch.tensor([0, 5, 42, 79])
+        >>> loss = hsoftmax.HierarchicalCrossEntropy()(head(x), y)
+        >>> head.log_probs(x).shape, head.predict(x).shape, head.topk(x, 3)[1].shape
+        (torch.Size([4, 80]), torch.Size([4]), torch.Size([4, 3]))
+    """
+
+    slot_classes: Tensor | None
+    slot_mask: Tensor | None
+    node_mask: Tensor | None
+    class_slots: Tensor
+
+    def __init__(
+        self,
+        in_features: int,
+        n_top: int,
+        n_bottom: int,
+        hidden: int,
+        *,
+        num_classes: int | None = None,
+        class_slots: Tensor | None = None,
+        activation: str | nn.Module = "relu",
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_features", in_features), ("hidden", hidden)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"expected {name} to be a positive int, got {value!r}")
+        if dtype is not None and not dtype.is_floating_point:
+            raise TypeError(f"expected a floating dtype for the parameters, got {dtype}")
+        layout = class_layout(n_top, n_bottom, num_classes, class_slots)
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.n_top = n_top
+        self.n_bottom = n_bottom
+        self.hidden = hidden
+        self.proj = nn.Linear(in_features, hidden, **factory)
+        self.activation = _make_activation(activation)
+        self.top = nn.Linear(hidden, n_top, **factory)
+        self.bottom_weight = nn.Parameter(torch.empty(n_top, n_bottom, hidden, **factory))
+        self.bottom_bias = nn.Parameter(torch.empty(n_top, n_bottom, **factory))
+        self.register_buffer("class_slots", layout.class_slots.to(device))
+        self._set_layout()
+        self.register_load_state_dict_post_hook(HierarchicalSoftmax._after_load)
+        self.reset_parameters()
+
+    @property
+    def num_classes(self) -> int:
+        """The number of classes."""
+        return self.class_slots.shape[0]
+
+    def _set_layout(self) -> None:
+        """(Re)derive the non-persistent buffers from ``class_slots``."""
+        layout = class_layout(self.n_top, self.n_bottom, self.num_classes, self.class_slots)
+        for name in ("slot_classes", "slot_mask", "node_mask"):
+            self.register_buffer(name, getattr(layout, name), persistent=False)
+
+    @staticmethod
+    def _after_load(module: nn.Module, incompatible_keys: Any) -> None:
+        assert isinstance(module, HierarchicalSoftmax)
+        module._set_layout()
+
+    def reset_parameters(self) -> None:
+        """Initialise like ``nn.Linear``: every layer uniform in ``±1/sqrt(fan_in)``."""
+        self.proj.reset_parameters()
+        self.top.reset_parameters()
+        bound = 1.0 / math.sqrt(self.hidden)
+        nn.init.uniform_(self.bottom_weight, -bound, bound)
+        nn.init.uniform_(self.bottom_bias, -bound, bound)
+
+    def extra_repr(self) -> str:
+        grouped = ", class_slots=custom" if self.slot_classes is not None else ""
+        return (
+            f"in_features={self.in_features}, n_top={self.n_top}, n_bottom={self.n_bottom}, "
+            f"hidden={self.hidden}, num_classes={self.num_classes}{grouped}"
+        )
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"expected input to be a torch.Tensor, got {type(x).__name__}")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"expected a floating-point input, got {x.dtype}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"expected input of shape (*, {self.in_features}) (in_features), "
+                f"got {tuple(x.shape)}"
+            )
+
+    def forward(self, x: Tensor) -> HierarchicalOutput:
+        """Project the input and compute the top logits; the bottom layers stay untouched.
+
+        Args:
+            x: ``(*, in_features)`` floating-point input.
+
+        Returns:
+            A :class:`~hsoftmax.functional.HierarchicalOutput` for the loss and inference.
+        """
+        self._check_input(x)
+        hidden = self.activation(self.proj(x))
+        top_logits = self.top(hidden)
+        if self.node_mask is not None:
+            top_logits = top_logits.masked_fill(~self.node_mask, float("-inf"))
+        return HierarchicalOutput(
+            hidden,
+            top_logits,
+            self.bottom_weight,
+            self.bottom_bias,
+            self.class_slots,
+            self.slot_classes,
+            self.slot_mask,
+        )
+
+    def log_probs(self, x: Tensor) -> Tensor:
+        """Exact log-probabilities of all classes: ``(*, in_features) -> (*, num_classes)``.
+
+        See :func:`hsoftmax.functional.log_probs`.
+        """
+        return HF.log_probs(self(x))
+
+    def predict(self, x: Tensor) -> Tensor:
+        """Top-1 routing, as in the paper: ``(*, in_features) -> (*)`` class ids.
+
+        The argmax node, then the argmax slot in it. Cheap, but not always the most probable
+        class; ``topk(x, 1)`` gives the exact argmax. See :func:`hsoftmax.functional.predict`.
+        """
+        return HF.predict(self(x))
+
+    def topk(self, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """The exact ``k`` most probable classes: ``(values, indices)``, each ``(*, k)``.
+
+        Equal to ``self.log_probs(x).topk(k)``. See :func:`hsoftmax.functional.topk`.
+        """
+        return HF.topk(self(x), k)
