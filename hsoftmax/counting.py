@@ -71,8 +71,8 @@ _TORCH_DTYPES = {
 
 def _check_int(name: str, value: object, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        kind = "positive int" if minimum == 1 else f"int >= {minimum}"
-        raise ValueError(f"expected {name} to be a {kind}, got {value!r}")
+        kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"expected {name} to be {kind}, got {value!r}")
     return value
 
 
