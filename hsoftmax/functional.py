@@ -95,13 +95,13 @@ def _node_bottom_logits(out: HierarchicalOutput, hidden: Tensor, nodes: Tensor) 
     """
     n, m = nodes.shape
     flat_nodes = nodes.reshape(-1)
-    n_bottom = out.bottom_bias.shape[1]
-    weight = out.bottom_weight.index_select(0, flat_nodes).view(n, m * n_bottom, -1)
+    n_bottom, width = out.bottom_weight.shape[1:]  # explicit sizes: n may be 0
+    weight = out.bottom_weight.index_select(0, flat_nodes).view(n, m * n_bottom, width)
     bias = out.bottom_bias.index_select(0, flat_nodes).view(n, m * n_bottom, 1)
     logits = torch.baddbmm(bias, weight, hidden.unsqueeze(-1))
-    logits = logits.view(n, m, -1)
+    logits = logits.view(n, m, n_bottom)
     if out.slot_mask is not None:
-        logits = _mask_slots(logits, out.slot_mask.index_select(0, flat_nodes).view(n, m, -1))
+        logits = _mask_slots(logits, out.slot_mask.index_select(0, flat_nodes).view(n, m, n_bottom))
     return logits
 
 
