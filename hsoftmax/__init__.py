@@ -5,6 +5,7 @@ from .functional import HierarchicalOutput
 from .grouping import ClassLayout, check_class_slots, class_layout
 from .loss import HierarchicalCrossEntropy
 from .softmax import HierarchicalSoftmax
+from .sparse import split_parameters
 
 __version__ = "0.1.0"
 
@@ -17,4 +18,5 @@ __all__ = [
     "check_class_slots",
     "class_layout",
     "functional",
+    "split_parameters",
 ]

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .sparse import gather_rows
+
 __all__ = [
     "HierarchicalOutput",
     "gold_log_prob",
@@ -52,6 +54,7 @@ class HierarchicalOutput(NamedTuple):
             or ``None`` for the identity mapping.
         slot_mask: ``(n_top, n_bottom)`` bool, ``True`` where a position holds a class, or
             ``None`` when every position does.
+        sparse: whether the bottom parameters get sparse gradients (see :mod:`hsoftmax.sparse`).
     """
 
     hidden: Tensor
@@ -61,6 +64,7 @@ class HierarchicalOutput(NamedTuple):
     class_slots: Tensor
     slot_classes: Tensor | None
     slot_mask: Tensor | None
+    sparse: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -96,8 +100,8 @@ def _node_bottom_logits(out: HierarchicalOutput, hidden: Tensor, nodes: Tensor) 
     n, m = nodes.shape
     flat_nodes = nodes.reshape(-1)
     n_bottom, width = out.bottom_weight.shape[1:]  # explicit sizes: n may be 0
-    weight = out.bottom_weight.index_select(0, flat_nodes).view(n, m * n_bottom, width)
-    bias = out.bottom_bias.index_select(0, flat_nodes).view(n, m * n_bottom, 1)
+    weight = gather_rows(out.bottom_weight, flat_nodes, out.sparse).view(n, m * n_bottom, width)
+    bias = gather_rows(out.bottom_bias, flat_nodes, out.sparse).view(n, m * n_bottom, 1)
     logits = torch.baddbmm(bias, weight, hidden.unsqueeze(-1))
     logits = logits.view(n, m, n_bottom)
     if out.slot_mask is not None:

@@ -57,6 +57,10 @@ class HierarchicalSoftmax(nn.Module):
             ``[0, n_top * n_bottom)`` (see :mod:`hsoftmax.builders`). Default: the identity.
         activation: ``'relu'`` (the paper's), ``'gelu'``, ``'tanh'``, ``'identity'``, or any
             ``nn.Module``. Default: ``'relu'``.
+        sparse: give ``bottom_weight`` and ``bottom_bias`` sparse gradients holding only the
+            nodes a batch touches, for :class:`torch.optim.SparseAdam` (see
+            :func:`~hsoftmax.split_parameters`). Stock dense optimizers reject sparse
+            gradients. Default: ``False``.
         device: device of the parameters. Default: ``None``.
         dtype: floating dtype of the parameters. Default: ``None``.
 
@@ -95,6 +99,7 @@ class HierarchicalSoftmax(nn.Module):
         num_classes: int | None = None,
         class_slots: Tensor | None = None,
         activation: str | nn.Module = "relu",
+        sparse: bool = False,
         device: Any = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -110,6 +115,7 @@ class HierarchicalSoftmax(nn.Module):
         self.n_top = n_top
         self.n_bottom = n_bottom
         self.hidden = hidden
+        self.sparse = sparse
         self.proj = nn.Linear(in_features, hidden, **factory)
         self.activation = _make_activation(activation)
         self.top = nn.Linear(hidden, n_top, **factory)
@@ -149,6 +155,7 @@ class HierarchicalSoftmax(nn.Module):
         return (
             f"in_features={self.in_features}, n_top={self.n_top}, n_bottom={self.n_bottom}, "
             f"hidden={self.hidden}, num_classes={self.num_classes}{grouped}"
+            + (", sparse=True" if self.sparse else "")
         )
 
     def _check_input(self, x: Tensor) -> None:
@@ -184,6 +191,7 @@ class HierarchicalSoftmax(nn.Module):
             self.class_slots,
             self.slot_classes,
             self.slot_mask,
+            self.sparse,
         )
 
     def log_probs(self, x: Tensor) -> Tensor:

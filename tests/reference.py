@@ -95,7 +95,9 @@ def reference_smoothed_loss(
     for row, y in zip(lp.tolist(), target.tolist()):
         node_of = {c: slots[c] // n_bottom for c in range(head.num_classes)}
         nodes = sorted(set(node_of.values()))
-        node_lp = {n: math.log(sum(math.exp(row[c]) for c in node_of if node_of[c] == n)) for n in nodes}
+        node_lp = {
+            n: math.log(sum(math.exp(row[c]) for c in node_of if node_of[c] == n)) for n in nodes
+        }
         gold_node = node_of[y]
         siblings = [c for c in node_of if node_of[c] == gold_node]
         slot_lp = {c: row[c] - node_lp[gold_node] for c in siblings}

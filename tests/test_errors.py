@@ -78,7 +78,11 @@ def test_input_errors(head: HierarchicalSoftmax, x: Any, error: type, message: s
     [
         (torch.tensor([0, 5, 1]), IndexError, r"target in \[0, 5\).*got values in \[5, 5\]"),
         (torch.tensor([-3, 2, 9]), IndexError, r"ignore_index=-100, got values in \[-3, 9\]"),
-        (torch.tensor([0.0, 1.0, 2.0]), TypeError, r"integer dtype \(class ids\), got torch.float32"),
+        (
+            torch.tensor([0.0, 1.0, 2.0]),
+            TypeError,
+            r"integer dtype \(class ids\), got torch.float32",
+        ),
         (torch.tensor([0, 1]), ValueError, r"target of shape \(3,\).*got \(2,\)"),
         (torch.tensor([[0, 1, 2]]), ValueError, r"target of shape \(3,\).*got \(1, 3\)"),
         ([0, 1, 2], TypeError, r"target to be a torch.Tensor, got list"),

@@ -141,9 +141,10 @@ def test_labels_beyond_float32_precision_use_integer_division() -> None:
     z = head.activation(head.proj(x))
     node, slot = y // 4, y % 4
     bottom = torch.einsum("nsh,nh->ns", head.bottom_weight[node], z) + head.bottom_bias[node]
-    expected = head.top(z).log_softmax(-1)[torch.arange(3), node] + bottom.log_softmax(-1)[
-        torch.arange(3), slot
-    ]
+    expected = (
+        head.top(z).log_softmax(-1)[torch.arange(3), node]
+        + bottom.log_softmax(-1)[torch.arange(3), slot]
+    )
     torch.testing.assert_close(loss, -expected)
 
 
