@@ -283,9 +283,9 @@ def _mean_valid(values: Tensor, valid: Tensor) -> Tensor:
     return total / valid.sum(-1)
 
 
-def _all_positions_log_probs(out: HierarchicalOutput) -> Tensor:
-    """``(N, n_top * n_bottom)`` log-probabilities in position order, ``-inf`` where masked."""
-    hidden, top_logits = _flat(out)
+def _all_positions_log_probs(out: HierarchicalOutput, hidden: Tensor, top: Tensor) -> Tensor:
+    """``(N, n_top * n_bottom)`` log-probabilities in position order, ``-inf`` where masked,
+    from the hidden vectors and the top log-probabilities."""
     n_top, n_bottom, width = out.bottom_weight.shape
     bottom_logits = F.linear(
         hidden,
@@ -293,7 +293,7 @@ def _all_positions_log_probs(out: HierarchicalOutput) -> Tensor:
         out.bottom_bias.reshape(-1),
     ).view(-1, n_top, n_bottom)
     bottom = _log_softmax(_mask_slots(bottom_logits, out.slot_mask))
-    result = (_log_softmax(top_logits).unsqueeze(-1) + bottom).view(-1, n_top * n_bottom)
+    result = (top.unsqueeze(-1) + bottom).view(-1, n_top * n_bottom)
     if out.slot_mask is not None:
         result = result.masked_fill(~out.slot_mask.view(-1), float("-inf"))
     return result
@@ -319,7 +319,8 @@ def log_probs(out: HierarchicalOutput) -> Tensor:
         >>> lp.shape, torch.allclose(lp.exp().sum(-1), torch.ones(2))
         (torch.Size([2, 18]), True)
     """
-    positions = _all_positions_log_probs(out)
+    hidden, top_logits = _flat(out)
+    positions = _all_positions_log_probs(out, hidden, _log_softmax(top_logits))
     num_classes = out.num_classes
     if out.slot_classes is not None:
         positions = positions.index_select(1, out.class_slots)
@@ -354,18 +355,45 @@ def predict(out: HierarchicalOutput) -> Tensor:
     return _to_classes(out, positions).view(out.hidden.shape[:-1])
 
 
+# A gathered node costs about as much as 1/_DENSE_SCAN_RATIO of one row of the dense product
+# (a copy of its weights against a cache-friendly matrix product): scanning more nodes than
+# n_top / _DENSE_SCAN_RATIO per row is done densely.
+_DENSE_SCAN_RATIO = 16
+
+
+def _scan_nodes(
+    out: HierarchicalOutput, hidden: Tensor, node_lp: Tensor, node_order: Tensor, k: int, count: int
+) -> tuple[Tensor, Tensor]:
+    """Exact top-k log-probabilities and positions of each row among its ``count`` best nodes."""
+    n_bottom = out.bottom_bias.shape[1]
+    if count * _DENSE_SCAN_RATIO >= out.bottom_bias.shape[0]:
+        top = torch.empty_like(node_lp).scatter_(1, node_order, node_lp)
+        return _all_positions_log_probs(out, hidden, top).topk(k, dim=-1)
+    nodes = node_order[:, :count]
+    bottom = _log_softmax(_node_bottom_logits(out, hidden, nodes))
+    candidates = (node_lp[:, :count].unsqueeze(-1) + bottom).flatten(1)
+    if out.slot_mask is not None:
+        valid = out.slot_mask.index_select(0, nodes.reshape(-1)).view_as(candidates)
+        candidates = candidates.masked_fill(~valid, float("-inf"))
+    found, where = candidates.topk(k, dim=-1)
+    chosen = nodes.gather(1, torch.div(where, n_bottom, rounding_mode="floor"))
+    return found, chosen * n_bottom + where % n_bottom
+
+
 def topk(out: HierarchicalOutput, k: int) -> tuple[Tensor, Tensor]:
     """The exact ``k`` most probable classes, sorted like :func:`torch.topk`.
 
-    Since ``p(class) <= p(its node)``, nodes are scanned by decreasing probability: the scan
-    stops once the ``k``-th best class found is at least as probable as the next unscanned
-    node. The number of scanned nodes doubles per round, only for the rows not yet done, so
-    the cost adapts to how peaked the top distribution is (one or two rounds for a trained
-    model, all nodes in the worst case). The answer equals ``log_probs(out).topk(k)`` up to
-    floating-point rounding of the values; ties may be broken differently.
+    Since ``p(class) <= p(its node)``, a class can only beat the ``k``-th best class found so
+    far if its node does. A first round scans each row's ``ceil(k / n_bottom)`` most probable
+    nodes; the rows where some unscanned node is at least as probable as the ``k``-th class
+    found get a second round over exactly those nodes, after which the answer is exact. A
+    second round that would scan more than ``n_top / 16`` nodes per row computes those rows
+    densely instead. A peaked top distribution (a trained model) needs one or two nodes per
+    row; a flat one (an untrained model) costs about as much as :func:`log_probs`.
 
-    This has data-dependent control flow (host syncs): under ``torch.compile`` it breaks the
-    graph; for export use ``log_probs(out).topk(k)``.
+    The answer equals ``log_probs(out).topk(k)`` up to floating-point rounding of the values;
+    exact ties may be broken differently. The second round depends on the data (a host sync):
+    under ``torch.compile`` it breaks the graph; to export, use ``log_probs(out).topk(k)``.
 
     Args:
         out: the head's output, leading shape ``(*)``.
@@ -388,37 +416,18 @@ def topk(out: HierarchicalOutput, k: int) -> tuple[Tensor, Tensor]:
     if not 0 <= k <= out.num_classes:
         raise ValueError(f"expected k in [0, {out.num_classes}] (num_classes), got {k}")
     hidden, top_logits = _flat(out)
-    n_rows = hidden.shape[0]
-    n_top, n_bottom = out.bottom_bias.shape
-    top = _log_softmax(top_logits)
-    node_lp, node_order = top.sort(dim=-1, descending=True)
-
-    values = top.new_empty(n_rows, k)
-    positions = torch.empty(n_rows, k, dtype=torch.long, device=top.device)
-    rows = torch.arange(n_rows, device=top.device)
-    scanned = min(n_top, -(-k // n_bottom))  # enough nodes to hold k slots
-    while rows.numel() > 0 and k > 0:
-        scanned = min(n_top, max(scanned, 1))
-        nodes = node_order[rows, :scanned]
-        bottom = _log_softmax(_node_bottom_logits(out, hidden[rows], nodes))
-        candidates = (node_lp[rows, :scanned].unsqueeze(-1) + bottom).view(rows.numel(), -1)
-        if out.slot_mask is not None:
-            valid = out.slot_mask.index_select(0, nodes.reshape(-1)).view_as(candidates)
-            candidates = candidates.masked_fill(~valid, float("-inf"))
-        take = min(k, candidates.shape[1])
-        found, where = candidates.topk(take, dim=-1)
-        if scanned == n_top:
-            done = torch.ones_like(rows, dtype=torch.bool)
-        elif take < k:
-            done = torch.zeros_like(rows, dtype=torch.bool)
-        else:
-            done = found[:, -1] >= node_lp[rows, scanned]
-        if bool(done.any()):
-            done_rows = rows[done]
-            chosen = nodes[done].gather(1, torch.div(where[done], n_bottom, rounding_mode="floor"))
-            values[done_rows] = found[done]
-            positions[done_rows] = chosen * n_bottom + where[done] % n_bottom
-        rows = rows[~done]
-        scanned *= 2
+    n_bottom = out.bottom_bias.shape[1]
+    node_lp, node_order = _log_softmax(top_logits).sort(dim=-1, descending=True)
+    first = -(-k // n_bottom)  # enough nodes to hold k classes
+    values, positions = _scan_nodes(out, hidden, node_lp, node_order, k, first)
+    if k > 0:
+        # nodes at least as probable as the k-th class found may still hold better classes
+        needed = (node_lp >= values[:, -1:]).sum(-1)
+        rows = torch.nonzero(needed > first).squeeze(1)
+        if rows.numel() > 0:
+            count = int(needed[rows].max())
+            values[rows], positions[rows] = _scan_nodes(
+                out, hidden[rows], node_lp[rows], node_order[rows], k, count
+            )
     shape = (*out.hidden.shape[:-1], k)
     return values.view(shape), _to_classes(out, positions).view(shape)
