@@ -70,12 +70,20 @@ def _batches(task: Any, n: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
+MIN_RUNS = 3
+
+
 def _timeit(fn: Callable[[], Any], task: Any) -> list[float]:
+    """``task.warmup`` calls, then ``blocked_autorange`` until at least MIN_RUNS measurements
+    (a slow call, such as a flat 80k-class step, would otherwise give one measurement)."""
     for _ in range(task.warmup):
         fn()
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=task.threads)
     m = timer.blocked_autorange(min_run_time=task.min_run_time)
-    return [float(t) for t in m.times]
+    times = [float(t) for t in m.times]
+    while len(times) < MIN_RUNS:
+        times.append(float(timer.timeit(m.number_per_run).median))
+    return times
 
 
 def _build(task: Any) -> Method:
