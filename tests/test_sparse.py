@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 import hsoftmax
@@ -56,3 +58,35 @@ def test_inference_is_the_same_with_sparse_heads() -> None:
     assert torch.equal(dense.topk(x, 3)[1], sparse.topk(x, 3)[1])
     assert "sparse=True" in repr(sparse)
     assert hsoftmax.functional.gold_log_prob(sparse(x), torch.tensor([0, 1, 2, 3])).shape == (4,)
+
+
+def _train(head: HierarchicalSoftmax, set_to_none: bool, steps: int = 3) -> list[torch.Tensor]:
+    optimizer = torch.optim.AdamW(head.parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(5)
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=set_to_none)
+        x = torch.randn(4, 6, dtype=torch.float64, generator=generator)
+        y = torch.randint(0, head.num_classes, (4,), generator=generator)
+        HierarchicalCrossEntropy()(head(x), y).backward()
+        assert head.bottom_weight.grad is not None
+        assert head.bottom_weight.grad.layout == torch.strided  # stock optimizers work
+        optimizer.step()
+    return [p.detach().clone() for p in head.parameters()]
+
+
+def test_kept_dense_grads_take_rows_in_place_with_identical_results() -> None:
+    first, _ = _pair()
+    second = copy.deepcopy(first)
+    for a, b in zip(_train(first, set_to_none=True), _train(second, set_to_none=False)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_gradient_accumulation_over_micro_batches() -> None:
+    head, _ = _pair()
+    x, y = torch.randn(6, 6, dtype=torch.float64), torch.tensor([0, 5, 9, 9, 13, 19])
+    HierarchicalCrossEntropy(reduction="sum")(head(x), y).backward()
+    full = head.bottom_weight.grad.clone()  # type: ignore[union-attr]
+    head.zero_grad(set_to_none=False)
+    for half in (slice(0, 3), slice(3, 6)):
+        HierarchicalCrossEntropy(reduction="sum")(head(x[half]), y[half]).backward()
+    torch.testing.assert_close(head.bottom_weight.grad, full)
