@@ -46,7 +46,8 @@ def build(opts: Options) -> tuple[list[Any], dict[Any, int], list[Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    return script_main("memory", __doc__.splitlines()[0], build, argv)
+    # one round: peak memory does not drift like time does
+    return script_main("memory", __doc__.splitlines()[0], build, argv, default_rounds=1)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Training step (fused AdamW; SparseAdam + fused AdamW for ``hsoftmax_sparse``) an
 every method at each of the preset's class counts (full: 1,000, 10,000, 100,000 and 1,000,000;
 80 slots per node, the last node padded), with the preset's in_features, hidden and batch.
 Tasks whose estimated memory exceeds the budget are skipped and recorded with the reason.
+One round by default (``--rounds`` to change it).
 
     python benchmarks/bench_scaling.py [--quick]
 """
@@ -48,7 +49,8 @@ def build(opts: Options) -> tuple[list[Any], dict[Any, int], list[Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    return script_main("scaling", __doc__.splitlines()[0], build, argv)
+    # one round by default: 4 sizes x 6 methods x 2 questions is already 44 processes
+    return script_main("scaling", __doc__.splitlines()[0], build, argv, default_rounds=1)
 
 
 if __name__ == "__main__":

@@ -184,7 +184,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per worker process")
 
 
-def options_from_args(a: argparse.Namespace) -> Options:
+def options_from_args(a: argparse.Namespace, default_rounds: int | None = None) -> Options:
+    """Options from parsed arguments; ``default_rounds`` overrides the preset's rounds unless
+    ``--rounds`` was given (the scaling sweep runs one round by default)."""
     preset = PRESETS["quick" if a.quick else a.preset]
     methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
     unknown = [m for m in methods if m not in METHODS]
@@ -197,7 +199,7 @@ def options_from_args(a: argparse.Namespace) -> Options:
         device=a.device,
         dtype=a.dtype,
         threads=a.threads,
-        rounds=a.rounds or preset.rounds,
+        rounds=a.rounds or min(preset.rounds, default_rounds or preset.rounds),
         min_run_time=a.min_run_time if a.min_run_time is not None else preset.min_run_time,
         warmup=preset.warmup,
         isolation=a.isolation or preset.isolation,
@@ -589,6 +591,7 @@ def script_main(
     description: str,
     build: Any,
     argv: Sequence[str] | None = None,
+    default_rounds: int | None = None,
 ) -> Path:
     """The ``main`` of a benchmark script: parse options, build tasks, run, write the CSV.
 
@@ -596,7 +599,7 @@ def script_main(
     """
     p = argparse.ArgumentParser(prog=f"bench_{script}.py", description=description)
     add_common_args(p)
-    opts = options_from_args(p.parse_args(argv))
+    opts = options_from_args(p.parse_args(argv), default_rounds)
     tasks, estimates, extra = build(opts)
     rows = run_suite(script, tasks, opts, estimate=estimates)
     rows = [*extra, *rows]
