@@ -78,6 +78,13 @@ def _log_softmax(logits: Tensor) -> Tensor:
     return F.log_softmax(logits, dim=-1, dtype=torch.float32 if low else None)
 
 
+def _class_log_probs(top: Tensor, bottom_logits: Tensor) -> Tensor:
+    """``top[..., None] + log_softmax(bottom_logits)`` for ``(N, m)`` node log-probabilities and
+    ``(N, m, n_bottom)`` logits (``log_softmax`` subtracts the maximum first: exact for the
+    most probable slot even for huge logits)."""
+    return top.unsqueeze(-1) + _log_softmax(bottom_logits)
+
+
 def _mask_slots(logits: Tensor, mask: Tensor | None) -> Tensor:
     """Push the logits of empty positions to the dtype's minimum (finite, so that a node
     without any class still gives a finite, if meaningless, softmax and finite gradients)."""
@@ -292,8 +299,8 @@ def _all_positions_log_probs(out: HierarchicalOutput, hidden: Tensor, top: Tenso
         out.bottom_weight.reshape(n_top * n_bottom, width),
         out.bottom_bias.reshape(-1),
     ).view(-1, n_top, n_bottom)
-    bottom = _log_softmax(_mask_slots(bottom_logits, out.slot_mask))
-    result = (top.unsqueeze(-1) + bottom).view(-1, n_top * n_bottom)
+    result = _class_log_probs(top, _mask_slots(bottom_logits, out.slot_mask))
+    result = result.view(-1, n_top * n_bottom)
     if out.slot_mask is not None:
         result = result.masked_fill(~out.slot_mask.view(-1), float("-inf"))
     return result
@@ -370,8 +377,8 @@ def _scan_nodes(
         top = torch.empty_like(node_lp).scatter_(1, node_order, node_lp)
         return _all_positions_log_probs(out, hidden, top).topk(k, dim=-1)
     nodes = node_order[:, :count]
-    bottom = _log_softmax(_node_bottom_logits(out, hidden, nodes))
-    candidates = (node_lp[:, :count].unsqueeze(-1) + bottom).flatten(1)
+    logits = _node_bottom_logits(out, hidden, nodes)
+    candidates = _class_log_probs(node_lp[:, :count], logits).flatten(1)
     if out.slot_mask is not None:
         valid = out.slot_mask.index_select(0, nodes.reshape(-1)).view_as(candidates)
         candidates = candidates.masked_fill(~valid, float("-inf"))
