@@ -33,6 +33,7 @@ The paper (PlantCLEF 2022, Table 1) is reproduced by :func:`paper_table`; the no
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -517,7 +518,15 @@ def format_paper_table() -> str:
         Table 1 of the paper (EfficientNet-B4, 1792 features, 80,000 classes) vs exact counts
     """
     flat, bottleneck, hier = paper_table()
-    header = ["model", "backbone", "final layer", "total", "fp32", "fp16", "paper"]
+    header = [
+        "model",
+        "backbone",
+        "final layer",
+        "total",
+        "fp32",
+        "fp16",
+        "paper (M | M | M | memory)",
+    ]
     paper = {
         flat.name: "19 | 143.3 | 160 | 321.9MB",
         bottleneck.name: "(not in paper)",
@@ -537,6 +546,9 @@ def format_paper_table() -> str:
     ]
     top_bottom = hier.head - (1792 * 128 + 128)
     notes = [
+        "paper column: its backbone | final layer | total (millions) | memory, as printed.",
+        f"backbone: torchvision's EfficientNet-B4 without its ImageNet classifier "
+        f"({hier.backbone:,} parameters); final layer: the whole head, biases included.",
         f"whole model: {flat.total / hier.total:.2f}x fewer parameters exactly "
         f"(the paper's 5.67x is 160 / 28.2 of rounded totals); "
         f"{flat.total / bottleneck.total:.2f}x for the bottleneck-flat head.",
@@ -548,4 +560,5 @@ def format_paper_table() -> str:
         "parameter saving comes from the bottleneck; the hierarchy saves training compute.",
     ]
     title = "Table 1 of the paper (EfficientNet-B4, 1792 features, 80,000 classes) vs exact counts"
-    return "\n".join([title, _render(header, rows), *("- " + n for n in notes)])
+    wrapped = [textwrap.fill(n, 100, initial_indent="- ", subsequent_indent="  ") for n in notes]
+    return "\n".join([title, _render(header, rows), *wrapped])
