@@ -12,7 +12,8 @@ scores are rejected.
 - top-k accuracy: the fraction of samples with ``rank <= k``;
 - MRR: the mean of ``1 / rank`` over samples;
 - MA-MRR, the PlantCLEF ranking metric: the MRR of each class's samples, averaged over the
-  classes that have samples, so that rare classes weigh as much as common ones.
+  classes that have samples, so that rare classes weigh as much as common ones. (The paper
+  spells it "Moving Average" MRR; the challenge's metric is this macro average over species.)
 
 PlantCLEF runs list at most a fixed number of classes per observation; ``max_rank`` scores a
 true class ranked below it as ``1 / rank = 0``. (PlantCLEF also pools the images of one
