@@ -72,6 +72,7 @@ COLUMNS = (
     "isolation",
     "rounds",
     "shared_machine",
+    "load1",
     "skip_reason",
     "note",
 )
@@ -156,6 +157,8 @@ class Options:
     mem_budget_bytes: int = 0
     shared_machine: bool = False
     timeout_s: float = 3600.0
+    wait_quiet_s: float = 0.0
+    quiet_load: float = 2.5
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -182,6 +185,11 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shared-machine", action="store_true",
                    help="record that other work was running on the machine")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per worker process")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                   help="before each task, wait up to SECONDS for the 1-minute load average "
+                        "to fall below --quiet-load (default: don't wait)")
+    p.add_argument("--quiet-load", type=float, default=None,
+                   help="load average counted as quiet (default: 0.5 + threads)")
 
 
 def options_from_args(a: argparse.Namespace, default_rounds: int | None = None) -> Options:
@@ -208,6 +216,8 @@ def options_from_args(a: argparse.Namespace, default_rounds: int | None = None) 
         mem_budget_bytes=budget,
         shared_machine=a.shared_machine,
         timeout_s=a.timeout,
+        wait_quiet_s=a.wait_quiet,
+        quiet_load=a.quiet_load if a.quiet_load is not None else 0.5 + a.threads,
     )
 
 
@@ -272,6 +282,32 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def load_average() -> float:
+    """The 1-minute load average (0 where the OS does not report one)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
+
+
+def wait_until_quiet(opts: Options) -> float:
+    """Wait up to ``opts.wait_quiet_s`` for the load average to fall below ``opts.quiet_load``.
+
+    Returns the load average when the task starts (recorded in the ``load1`` column).
+    """
+    deadline = time.monotonic() + opts.wait_quiet_s
+    load = load_average()
+    announced = False
+    while load >= opts.quiet_load and time.monotonic() < deadline:
+        if not announced:
+            progress(f"    waiting for load average {load:.1f} < {opts.quiet_load:.1f} "
+                     f"(up to {opts.wait_quiet_s:.0f} s)")
+            announced = True
+        time.sleep(5)
+        load = load_average()
+    return load
 
 
 def progress(msg: str) -> None:
@@ -382,12 +418,14 @@ def run_suite(
             label = ", ".join(f"{t.method}/{t.variant}@{t.shape.classes}" for t in group)
             progress(f"[{script}] round {rnd + 1}/{opts.rounds} "
                      f"task {done + 1}-{done + len(group)}/{n_total}: {group[0].question} {label}")
+            load = wait_until_quiet(opts) if opts.wait_quiet_s > 0 else load_average()
             if opts.isolation == "inprocess":
                 results = run_tasks_inprocess(group)
             else:
                 results = run_in_process(group, opts.timeout_s)
             for i, t in enumerate(group):
                 r = results[i]
+                r["load1"] = load
                 pooled.setdefault(t.key(), []).append(r)
                 progress("    " + _describe(t, r))
             done += len(group)
@@ -477,6 +515,9 @@ def _row(
         peaks = [r["peak_rss_kb"] for r in ok if r.get("peak_rss_kb")]
         if peaks and idle_kb and opts.isolation == "question":
             row["peak_rss_mb"] = round((max(peaks) - idle_kb) / 1024, 1)
+        loads = [r["load1"] for r in ok if r.get("load1") is not None]
+        if loads:
+            row["load1"] = round(max(loads), 2)
         cuda = [r["peak_cuda_bytes"] for r in ok if r.get("peak_cuda_bytes")]
         if cuda:
             row["peak_cuda_mb"] = round(max(cuda) / 2**20, 1)

@@ -85,6 +85,10 @@ def _environment(rows: Sequence[Row]) -> str:
         f"- isolation: {r['isolation']} (see benchmarks/README.md), rounds per row: "
         f"{max((x['rounds'] for x in rows if x['rounds']), default='-')}",
     ]
+    loads = [float(x["load1"]) for x in rows if _f(x.get("load1", ""))]
+    if loads and r["device"] == "cpu":
+        lines.append(f"- 1-minute load average at task starts: {min(loads):.1f} to "
+                     f"{max(loads):.1f} (the machine has {r['device_name'].split('(')[-1]}")
     if shared:
         lines.append("- taken on a shared machine: other jobs were running; treat absolute "
                      "times with care, ratios are from the same interleaved rounds")
