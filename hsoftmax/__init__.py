@@ -1,9 +1,28 @@
 """hsoftmax: a two-level hierarchical softmax head for extreme classification."""
 
 from . import functional
+from .builders import slots_from_embeddings, slots_from_taxonomy, suggest_shape
+from .classifier import find_classifier, replace_classifier
+from .counting import (
+    HeadCount,
+    bottleneck_head_parameters,
+    compare_heads,
+    count_parameters,
+    flat_head_parameters,
+    hierarchical_head_parameters,
+    parameter_bytes,
+)
 from .functional import HierarchicalOutput
 from .grouping import ClassLayout, check_class_slots, class_layout
 from .loss import HierarchicalCrossEntropy
+from .metrics import (
+    RankingMetrics,
+    evaluate,
+    macro_mean_reciprocal_rank,
+    mean_reciprocal_rank,
+    target_rank,
+    topk_accuracy,
+)
 from .softmax import HierarchicalSoftmax
 from .sparse import split_parameters
 
@@ -11,12 +30,30 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ClassLayout",
+    "HeadCount",
     "HierarchicalCrossEntropy",
     "HierarchicalOutput",
     "HierarchicalSoftmax",
+    "RankingMetrics",
     "__version__",
+    "bottleneck_head_parameters",
     "check_class_slots",
     "class_layout",
+    "compare_heads",
+    "count_parameters",
+    "evaluate",
+    "find_classifier",
+    "flat_head_parameters",
     "functional",
+    "hierarchical_head_parameters",
+    "macro_mean_reciprocal_rank",
+    "mean_reciprocal_rank",
+    "parameter_bytes",
+    "replace_classifier",
+    "slots_from_embeddings",
+    "slots_from_taxonomy",
     "split_parameters",
+    "suggest_shape",
+    "target_rank",
+    "topk_accuracy",
 ]
