@@ -38,12 +38,14 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is missing")
 
 
-def _model() -> nn.Sequential:
+def _model(sparse: bool = False) -> nn.Sequential:
     """A small backbone and the head, in float64 (exact comparisons across processes)."""
     generator = torch.Generator().manual_seed(0)
     slots = torch.randperm(N_TOP * N_BOTTOM, generator=generator)[:NUM_CLASSES]
     torch.manual_seed(0)
-    head = HierarchicalSoftmax(6, N_TOP, N_BOTTOM, 5, class_slots=slots, dtype=torch.float64)
+    head = HierarchicalSoftmax(
+        6, N_TOP, N_BOTTOM, 5, class_slots=slots, dtype=torch.float64, sparse=sparse
+    )
     return nn.Sequential(nn.Linear(6, 6, dtype=torch.float64), nn.Tanh(), head)
 
 
@@ -74,20 +76,28 @@ def _global_batches() -> list[tuple[Tensor, Tensor]]:
 
 
 def _full(t: Tensor) -> Tensor:
-    """A DTensor (FSDP2) gathered to a plain tensor; a plain tensor as is."""
+    """A DTensor (FSDP2) gathered, or a sparse gradient densified, to a plain tensor."""
     full_tensor = getattr(t, "full_tensor", None)
-    return (full_tensor() if full_tensor is not None else t).detach().cpu().clone()
+    t = full_tensor() if full_tensor is not None else t
+    return (t.to_dense() if t.is_sparse else t).detach().cpu().clone()
 
 
 def _train(
-    model: nn.Module, batches: list[tuple[Tensor, Tensor]], device: torch.device
+    model: nn.Module,
+    batches: list[tuple[Tensor, Tensor]],
+    device: torch.device,
+    set_to_none: bool = True,
 ) -> dict[str, Any]:
-    """SGD steps; the gradients of every step and the final parameters, by unwrapped name."""
+    """SGD steps; the gradients of every step and the final parameters, by unwrapped name.
+
+    With ``set_to_none=False`` the dense ``.grad`` is kept between steps, and the bottom rows
+    are added into it in place (see :mod:`hsoftmax.sparse`).
+    """
     criterion = HierarchicalCrossEntropy()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     grads = []
     for x, y in batches:
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=set_to_none)
         criterion(model(x.to(device)), y.to(device)).backward()
         step = {}
         for name, parameter in model.named_parameters():
@@ -106,11 +116,20 @@ def _local(batches: list[tuple[Tensor, Tensor]], rank: int) -> list[tuple[Tensor
 
 def _train_wrapped(mode: str, rank: int, device: torch.device) -> dict[str, Any]:
     """Wrap a fresh model as ``mode`` says and train it on this rank's halves."""
-    model = _model().to(device)
+    model = _model(sparse=mode == "ddp-sparse").to(device)
     batches = _local(_global_batches(), rank)
-    if mode == "ddp":
-        ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
-        return _train(ddp, batches, device)
+    if mode.startswith("ddp"):
+        keep = mode == "ddp-keep-grad"
+        ddp = nn.parallel.DistributedDataParallel(
+            model, find_unused_parameters=False, gradient_as_bucket_view=keep
+        )
+        if mode != "ddp-sparse":
+            return _train(ddp, batches, device, set_to_none=not keep)
+        try:  # DDP rejects sparse gradients of parameters not owned by a sparse nn.Embedding
+            _train(ddp, batches, device)
+        except Exception as error:
+            return {"error": f"{type(error).__name__}: {error}"}
+        return {"error": None}
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -157,7 +176,7 @@ def _fsdp2_available() -> bool:
 def _modes(device: torch.device) -> list[str]:
     """DDP everywhere; FSDP2 on CPU (gloo) only."""
     fsdp = ["fsdp-root", "fsdp-head"] if device.type == "cpu" and _fsdp2_available() else []
-    return ["ddp", *fsdp]
+    return ["ddp", "ddp-keep-grad", "ddp-sparse", *fsdp]
 
 
 def _launch(device: torch.device, tmp_path: Path) -> list[dict[str, Any]]:
@@ -231,8 +250,20 @@ def test_batches_touch_few_nodes() -> None:
         assert (slots[y] // N_BOTTOM).unique().numel() == 1
 
 
-def test_ddp_matches_single_process(device: torch.device, launched: Any) -> None:
-    _assert_matches_single_process(launched(device, "ddp"))
+@pytest.mark.parametrize("mode", ["ddp", "ddp-keep-grad"])
+def test_ddp_matches_single_process(device: torch.device, launched: Any, mode: str) -> None:
+    """Without find_unused_parameters; ``ddp-keep-grad`` keeps the dense ``.grad`` between
+    steps (``zero_grad(set_to_none=False)``, gradients as bucket views), so that the bottom
+    rows are added into it in place."""
+    _assert_matches_single_process(launched(device, mode))
+
+
+def test_ddp_rejects_sparse_gradients(device: torch.device, launched: Any) -> None:
+    """What the docs say: ``sparse=True`` does not train under DDP (DDP expects the sparse
+    gradients of ``nn.Embedding`` only); the default dense gradients do."""
+    (result, *_) = launched(device, "ddp-sparse")
+    assert result["error"] is not None
+    assert "sparse" in result["error"].lower() or "NotImplementedError" in result["error"]
 
 
 @pytest.mark.parametrize("mode", ["fsdp-root", "fsdp-head"])
