@@ -82,7 +82,18 @@ def _class_log_probs(top: Tensor, bottom_logits: Tensor) -> Tensor:
     """``top[..., None] + log_softmax(bottom_logits)`` for ``(N, m)`` node log-probabilities and
     ``(N, m, n_bottom)`` logits (``log_softmax`` subtracts the maximum first: exact for the
     most probable slot even for huge logits)."""
-    return top.unsqueeze(-1) + _log_softmax(bottom_logits)
+    result, node = _log_softmax(bottom_logits), top.unsqueeze(-1)
+    if result.requires_grad or node.requires_grad:
+        return result + node
+    return result.add_(node)  # no autograd: reuse the fresh tensor
+
+
+def _masked_fill(fresh: Tensor, mask: Tensor, value: float) -> Tensor:
+    """``masked_fill``, in place when autograd does not track ``fresh`` (a tensor made here):
+    at inference it saves a copy of the largest tensor."""
+    return (
+        fresh.masked_fill(mask, value) if fresh.requires_grad else fresh.masked_fill_(mask, value)
+    )
 
 
 def _mask_slots(logits: Tensor, mask: Tensor | None) -> Tensor:
@@ -90,7 +101,7 @@ def _mask_slots(logits: Tensor, mask: Tensor | None) -> Tensor:
     without any class still gives a finite, if meaningless, softmax and finite gradients)."""
     if mask is None:
         return logits
-    return logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+    return _masked_fill(logits, ~mask, torch.finfo(logits.dtype).min)
 
 
 def _node_bottom_logits(out: HierarchicalOutput, hidden: Tensor, nodes: Tensor) -> Tensor:
@@ -302,7 +313,7 @@ def _all_positions_log_probs(out: HierarchicalOutput, hidden: Tensor, top: Tenso
     result = _class_log_probs(top, _mask_slots(bottom_logits, out.slot_mask))
     result = result.view(-1, n_top * n_bottom)
     if out.slot_mask is not None:
-        result = result.masked_fill(~out.slot_mask.view(-1), float("-inf"))
+        result = _masked_fill(result, ~out.slot_mask.view(-1), float("-inf"))
     return result
 
 
