@@ -76,6 +76,7 @@ def draws(draw: st.DrawFn, device: torch.device) -> Draw:
         num_classes=num_classes,
         class_slots=class_slots,
         activation=draw(st.sampled_from(["relu", "gelu", "tanh", "identity"])),
+        sparse=draw(st.booleans()),
         dtype=dtype,
     )
     scale = draw(st.sampled_from([0.1, 1.0, 3.0]))
@@ -103,6 +104,11 @@ def draws(draw: st.DrawFn, device: torch.device) -> Draw:
         label_smoothing=draw(st.sampled_from([0.0, 0.0, 0.1, 1.0]) | st.floats(0.0, 1.0)),
         k=draw(st.integers(0, num_classes)),
     )
+
+
+def _dense(grad: Tensor | None) -> Tensor:
+    assert grad is not None
+    return grad.to_dense() if grad.is_sparse else grad
 
 
 def _tolerance(dtype: torch.dtype) -> dict[str, float]:
@@ -183,13 +189,17 @@ def test_fuzz_loss_and_inference(device: torch.device, data: st.DataObject) -> N
         )
         torch.testing.assert_close(loss, flat.view(loss.shape), equal_nan=True, **tol)
 
-    # every parameter gets a finite gradient (when the loss is defined at all)
+    # every parameter gets a finite gradient (when the loss is defined at all), and a second
+    # backward accumulates into the kept .grad (in place for the bottom rows): twice the first
     total = loss.sum()
     if torch.isfinite(total):
         total.backward()
+        first = {name: _dense(p.grad).clone() for name, p in head.named_parameters()}
+        for name, grad in first.items():
+            assert torch.isfinite(grad).all(), name
+        criterion(head(x), d.target).sum().backward()
         for name, parameter in head.named_parameters():
-            assert parameter.grad is not None, name
-            assert torch.isfinite(parameter.grad).all(), name
+            torch.testing.assert_close(_dense(parameter.grad), 2 * first[name], **tol, msg=name)
 
     # log_probs: shape, normalisation, the oracle
     assert log_probs.shape == (*leading, num_classes)
