@@ -16,7 +16,7 @@ from torch import Tensor
 from hsoftmax import HierarchicalCrossEntropy, HierarchicalSoftmax
 
 N_TOP, N_BOTTOM, NUM_CLASSES = 5, 4, 17
-LAYOUTS = ["identity", "masked", "grouped"]
+LAYOUTS = ["identity", "masked", "grouped", "sparse"]
 
 
 def _head(
@@ -25,7 +25,8 @@ def _head(
     generator = torch.Generator().manual_seed(seed)
     if layout == "masked":
         kwargs.setdefault("num_classes", NUM_CLASSES)
-    elif layout == "grouped":
+    elif layout in ("grouped", "sparse"):
+        kwargs.setdefault("sparse", layout == "sparse")
         slots = torch.randperm(N_TOP * N_BOTTOM, generator=generator)[:NUM_CLASSES]
         kwargs.setdefault("class_slots", slots)
     torch.manual_seed(seed)
@@ -55,7 +56,8 @@ def _outputs(head: HierarchicalSoftmax, x: Tensor, y: Tensor) -> dict[str, Tenso
         }
     for name, parameter in head.named_parameters():
         assert parameter.grad is not None
-        result[f"grad.{name}"] = parameter.grad.clone()
+        grad = parameter.grad.to_dense() if parameter.grad.is_sparse else parameter.grad
+        result[f"grad.{name}"] = grad.clone()
     head.zero_grad(set_to_none=True)
     return result
 
@@ -113,7 +115,11 @@ def _via_dtype(head: HierarchicalSoftmax) -> HierarchicalSoftmax:
 
 
 def _layout_kwargs(head: HierarchicalSoftmax) -> dict[str, object]:
-    return {"num_classes": head.num_classes, "class_slots": head.class_slots.cpu()}
+    return {
+        "num_classes": head.num_classes,
+        "class_slots": head.class_slots.cpu(),
+        "sparse": head.sparse,
+    }
 
 
 ROUND_TRIPS: dict[str, Callable[[HierarchicalSoftmax], HierarchicalSoftmax]] = {
