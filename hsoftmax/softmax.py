@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from . import functional as HF
 from .functional import HierarchicalOutput
-from .grouping import class_layout
+from .grouping import ClassLayout, class_layout
 
 __all__ = ["HierarchicalSoftmax"]
 
@@ -121,8 +121,7 @@ class HierarchicalSoftmax(nn.Module):
         self.top = nn.Linear(hidden, n_top, **factory)
         self.bottom_weight = nn.Parameter(torch.empty(n_top, n_bottom, hidden, **factory))
         self.bottom_bias = nn.Parameter(torch.empty(n_top, n_bottom, **factory))
-        self.register_buffer("class_slots", layout.class_slots.to(device))
-        self._set_layout()
+        self._set_layout(layout, device)
         self.register_load_state_dict_post_hook(HierarchicalSoftmax._after_load)
         self.reset_parameters()
 
@@ -131,16 +130,18 @@ class HierarchicalSoftmax(nn.Module):
         """The number of classes."""
         return self.class_slots.shape[0]
 
-    def _set_layout(self) -> None:
-        """(Re)derive the non-persistent buffers from ``class_slots``."""
-        layout = class_layout(self.n_top, self.n_bottom, self.num_classes, self.class_slots)
-        for name in ("slot_classes", "slot_mask", "node_mask"):
-            self.register_buffer(name, getattr(layout, name), persistent=False)
+    def _set_layout(self, layout: ClassLayout, device: Any) -> None:
+        """Register ``class_slots`` (persistent) and the buffers derived from it."""
+        for name, tensor in layout._asdict().items():
+            tensor = None if tensor is None else tensor.to(device)
+            self.register_buffer(name, tensor, persistent=name == "class_slots")
 
     @staticmethod
-    def _after_load(module: nn.Module, incompatible_keys: Any) -> None:
-        assert isinstance(module, HierarchicalSoftmax)
-        module._set_layout()
+    def _after_load(module: HierarchicalSoftmax, incompatible_keys: Any) -> None:
+        """Derive the masks and the inverse mapping again from a loaded ``class_slots``."""
+        slots = module.class_slots
+        layout = class_layout(module.n_top, module.n_bottom, len(slots), slots.cpu())
+        module._set_layout(layout, slots.device)
 
     def reset_parameters(self) -> None:
         """Initialise like ``nn.Linear``: every layer uniform in ``±1/sqrt(fan_in)``."""

@@ -207,3 +207,9 @@ def test_topk_on_larger_heads_matches_log_probs(peak: float) -> None:
     values, indices = head.topk(x, 5)
     torch.testing.assert_close(values, lp.topk(5).values)
     torch.testing.assert_close(lp.gather(1, indices), values)
+
+
+def test_meta_device_construction_for_counting() -> None:
+    head = HierarchicalSoftmax(1792, 1000, 80, 128, num_classes=79_990, device="meta")
+    assert head.bottom_weight.is_meta and head.slot_mask is not None and head.slot_mask.is_meta
+    assert sum(p.numel() for p in head.parameters()) == 10_678_504
