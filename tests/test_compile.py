@@ -134,3 +134,27 @@ def test_topk_graph_breaks_are_data_dependent(device: torch.device) -> None:
     assert explanation.graph_break_count >= 1
     reasons = " ".join(str(b.reason) for b in explanation.break_reasons)
     assert "item" in reasons or "data-dependent" in reasons.lower(), reasons
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_compiled_training_accumulates_like_eager(device: torch.device, sparse: bool) -> None:
+    """Two backward passes into kept gradients (``zero_grad(set_to_none=False)``), compiled
+    and eager, give the same gradients. Eager adds the bottom rows into the kept ``.grad`` in
+    place (or gives sparse gradients with ``sparse=True``); compiled graphs gather with plain
+    ``index_select`` and give dense gradients."""
+    eager, compiled_head = _head(device), _head(device)
+    eager.sparse = compiled_head.sparse = sparse
+    criterion = HierarchicalCrossEntropy()
+    compiled = torch.compile(
+        lambda x, y: criterion(compiled_head(x), y), fullgraph=True, backend="aot_eager"
+    )
+    for seed in range(2):
+        x, y = _batch(device, 6, seed)
+        criterion(eager(x), y).backward()
+        compiled(x, y).backward()
+    for (name, want), got in zip(eager.named_parameters(), compiled_head.parameters(), strict=True):
+        assert want.grad is not None and got.grad is not None, name
+        assert not got.grad.is_sparse, name
+        assert want.grad.is_sparse == (sparse and name.startswith("bottom_")), name
+        expected = want.grad.to_dense() if want.grad.is_sparse else want.grad
+        torch.testing.assert_close(got.grad, expected, msg=name)
