@@ -20,6 +20,9 @@ from hsoftmax import HierarchicalCrossEntropy, HierarchicalSoftmax
 
 N_TOP, N_BOTTOM, NUM_CLASSES = 5, 7, 32  # 3 empty positions
 
+# torch's own compile stack warns about its deprecated torch.jit internals
+pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script_method:DeprecationWarning")
+
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo() -> None:
