@@ -3,13 +3,20 @@
 The test launches two copies of this file as worker processes (``python test_distributed.py
 ...``), which rendezvous through a file store, train a few steps on their half of each global
 batch and save their gradients and parameters; the test compares them with single-process
-training on the whole global batch.
+training on the whole global batch. All modes run in one launch per device, to pay the start
+of the processes once.
 
 DDP runs without ``find_unused_parameters``: every parameter gets a gradient at every step,
 even when the targets of a batch touch only one or two nodes, because the loss gathers the
-bottom weights of the target nodes with ``index_select`` from one ``(n_top, n_bottom, hidden)``
-parameter, whose gradient is dense (zero outside the touched nodes). DDP raises at the next
-step if a parameter got no gradient, so several steps are run.
+rows of the target nodes from one ``(n_top, n_bottom, hidden)`` parameter, whose gradient is
+dense (zero outside the touched nodes; with a kept ``.grad``, the rows are added into it in
+place). DDP raises at the next step if a parameter got no gradient, so several steps are run.
+``sparse=True`` heads do not train under DDP (it expects sparse gradients from
+``nn.Embedding`` only).
+
+FSDP2 trains when the head's parameters stay unsharded from its forward to the loss: the head
+in the root's group, or ``fully_shard(head, reshard_after_forward=False)``. With the default
+``reshard_after_forward=True`` on the head's own group, the loss reads freed storage and fails.
 """
 
 from __future__ import annotations
@@ -136,8 +143,16 @@ def _train_wrapped(mode: str, rank: int, device: torch.device) -> dict[str, Any]
     mesh = init_device_mesh(device.type, (WORLD_SIZE,))
     if mode == "fsdp-root":  # the head stays in the root's group
         fully_shard(model[0], mesh=mesh)
-    else:  # "fsdp-head": the head is its own group, kept unsharded after forward
+    elif mode == "fsdp-head":  # the head is its own group, kept unsharded after forward
         fully_shard(model[2], mesh=mesh, reshard_after_forward=False)
+    else:  # "fsdp-head-resharded": its own group, resharded after forward (the default)
+        fully_shard(model[2], mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        try:  # the loss reads bottom_weight after the head's forward has freed it
+            _train(model, batches, device)
+        except Exception as error:
+            return {"error": f"{type(error).__name__}: {error}"}
+        return {"error": None}
     fully_shard(model, mesh=mesh)
     result = _train(model, batches, device)
     # inference: gather the parameters, then call the head's methods directly
@@ -175,7 +190,8 @@ def _fsdp2_available() -> bool:
 
 def _modes(device: torch.device) -> list[str]:
     """DDP everywhere; FSDP2 on CPU (gloo) only."""
-    fsdp = ["fsdp-root", "fsdp-head"] if device.type == "cpu" and _fsdp2_available() else []
+    fsdp = ["fsdp-root", "fsdp-head", "fsdp-head-resharded"]
+    fsdp = fsdp if device.type == "cpu" and _fsdp2_available() else []
     return ["ddp", "ddp-keep-grad", "ddp-sparse", *fsdp]
 
 
@@ -277,6 +293,15 @@ def test_fsdp2_matches_single_process(device: torch.device, launched: Any, mode:
         expected = model[2].log_probs(model[1](model[0](x)))
     for result in results:
         torch.testing.assert_close(result["log_probs"], expected)
+
+
+def test_fsdp2_head_resharded_after_forward_fails(device: torch.device, launched: Any) -> None:
+    """What the docs say: ``fully_shard(head)`` with the default ``reshard_after_forward=True``
+    does not train. The head's output carries ``bottom_weight`` and ``bottom_bias`` to the loss,
+    and FSDP2 frees their unsharded storage when the head's forward ends."""
+    for result in launched(device, "fsdp-head-resharded"):
+        assert result["error"] is not None
+        assert "storage" in result["error"], result["error"]
 
 
 if __name__ == "__main__":
