@@ -1,6 +1,7 @@
 """hsoftmax: a two-level hierarchical softmax head for extreme classification."""
 
 from . import functional
+from .bottom import split_parameters
 from .builders import slots_from_embeddings, slots_from_taxonomy, suggest_shape
 from .classifier import find_classifier, replace_classifier
 from .counting import (
@@ -24,7 +25,6 @@ from .metrics import (
     topk_accuracy,
 )
 from .softmax import HierarchicalSoftmax
-from .sparse import split_parameters
 
 __version__ = "0.1.0"
 

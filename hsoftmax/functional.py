@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .sparse import gather_rows
+from .bottom import node_logits
 
 __all__ = [
     "HierarchicalOutput",
@@ -54,7 +54,7 @@ class HierarchicalOutput(NamedTuple):
             or ``None`` for the identity mapping.
         slot_mask: ``(n_top, n_bottom)`` bool, ``True`` where a position holds a class, or
             ``None`` when every position does.
-        sparse: whether the bottom parameters get sparse gradients (see :mod:`hsoftmax.sparse`).
+        sparse: whether the bottom parameters get sparse gradients (see :mod:`hsoftmax.bottom`).
     """
 
     hidden: Tensor
@@ -115,15 +115,9 @@ def _node_bottom_logits(out: HierarchicalOutput, hidden: Tensor, nodes: Tensor) 
     Returns:
         ``(N, m, n_bottom)`` masked bottom logits.
     """
-    n, m = nodes.shape
-    flat_nodes = nodes.reshape(-1)
-    n_bottom, width = out.bottom_weight.shape[1:]  # explicit sizes: n may be 0
-    weight = gather_rows(out.bottom_weight, flat_nodes, out.sparse).view(n, m * n_bottom, width)
-    bias = gather_rows(out.bottom_bias, flat_nodes, out.sparse).view(n, m * n_bottom, 1)
-    logits = torch.baddbmm(bias, weight, hidden.unsqueeze(-1))
-    logits = logits.view(n, m, n_bottom)
+    logits = node_logits(out.bottom_weight, out.bottom_bias, hidden, nodes, out.sparse)
     if out.slot_mask is not None:
-        logits = _mask_slots(logits, out.slot_mask.index_select(0, flat_nodes).view(n, m, n_bottom))
+        logits = _mask_slots(logits, out.slot_mask[nodes])
     return logits
 
 
