@@ -47,27 +47,27 @@ class _NodeLogits(torch.autograd.Function):
     @staticmethod
     def forward(
         weight: Tensor, bias: Tensor, hidden: Tensor, nodes: Tensor, sparse: bool
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor]:
         rows, row_bias = _gather(weight, bias, nodes)
         logits = torch.baddbmm(row_bias, hidden.unsqueeze(1), rows.transpose(1, 2))
-        return logits.view(*nodes.shape, weight.shape[1])
+        return logits.view(*nodes.shape, weight.shape[1]), rows
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
         weight, bias, hidden, nodes, sparse = inputs
-        ctx.save_for_backward(hidden, nodes)
+        ctx.save_for_backward(hidden, nodes, output[1])
         ctx.weight, ctx.bias, ctx.sparse = weight, bias, sparse
+        ctx.mark_non_differentiable(output[1])
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        hidden, nodes = ctx.saved_tensors
+    def backward(ctx: Any, grad: Tensor, _: Tensor | None) -> tuple[Tensor | None, ...]:
+        hidden, nodes, rows = ctx.saved_tensors
         weight, bias = ctx.weight, ctx.bias
         n_bottom, width = weight.shape[1:]
         flat = nodes.reshape(-1)
         grad_rows = grad.reshape(nodes.shape[0], 1, -1)  # (N, 1, m * n_bottom)
         grad_hidden = grad_weight = grad_bias = None
         if ctx.needs_input_grad[2]:
-            rows, _ = _gather(weight.detach(), bias.detach(), nodes)
             grad_hidden = torch.bmm(grad_rows.to(rows.dtype), rows).squeeze(1).to(hidden.dtype)
         if ctx.needs_input_grad[0]:
             outer = (grad_rows.transpose(1, 2) * hidden.unsqueeze(1)).to(weight.dtype)
@@ -107,8 +107,8 @@ def node_logits(
         weight.requires_grad or bias.requires_grad or hidden.requires_grad
     )
     if tracked and not torch.compiler.is_compiling():
-        return _NodeLogits.apply(weight, bias, hidden, nodes, sparse)
-    return _NodeLogits.forward(weight, bias, hidden, nodes, sparse)
+        return _NodeLogits.apply(weight, bias, hidden, nodes, sparse)[0]
+    return _NodeLogits.forward(weight, bias, hidden, nodes, sparse)[0]
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
