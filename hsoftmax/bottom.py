@@ -65,7 +65,8 @@ class _NodeLogits(torch.autograd.Function):
         weight, bias = ctx.weight, ctx.bias
         n_bottom, width = weight.shape[1:]
         flat = nodes.reshape(-1)
-        grad_rows = grad.reshape(nodes.shape[0], 1, -1)  # (N, 1, m * n_bottom)
+        n, m = nodes.shape  # explicit sizes: n may be 0
+        grad_rows = grad.reshape(n, 1, m * n_bottom)
         grad_hidden = grad_weight = grad_bias = None
         if ctx.needs_input_grad[2]:
             grad_hidden = torch.bmm(grad_rows.to(rows.dtype), rows).squeeze(1).to(hidden.dtype)
