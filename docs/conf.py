@@ -14,12 +14,13 @@ ROOT = DOCS.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(DOCS / "_inv"))
 
-import hsoftmax  # noqa: E402
 from make_torch_inv import write_inventory  # noqa: E402
+
+import hsoftmax  # noqa: E402
 
 project = "hsoftmax"
 author = "The hsoftmax developers"
-copyright = "The hsoftmax developers, MIT License"  # noqa: A001
+copyright = "The hsoftmax developers, MIT License"
 release = hsoftmax.__version__
 version = release
 
@@ -48,7 +49,10 @@ napoleon_custom_sections = ["Shape"]
 
 # -- intersphinx (offline) ---------------------------------------------------------------------
 intersphinx_mapping = {
-    "torch": ("https://pytorch.org/docs/stable/", str(write_inventory(DOCS / "_inv" / "torch.inv"))),
+    "torch": (
+        "https://pytorch.org/docs/stable/",
+        str(write_inventory(DOCS / "_inv" / "torch.inv")),
+    ),
 }
 intersphinx_timeout = 1
 
@@ -64,12 +68,13 @@ html_static_path: list[str] = []
 
 # -- pages assembled at build time ---------------------------------------------------------------
 BENCH_RESULTS = ROOT / "benchmarks" / "results"
-PRODUCTION = DOCS / "guide" / "production.md"
 
 
 def _benchmark_sections() -> str:
     """Markdown that includes every generated benchmark table and plot, summaries first."""
-    tables = sorted(BENCH_RESULTS.glob("*.md"), key=lambda p: (not p.stem.startswith("summary"), p.stem))
+    tables = sorted(
+        BENCH_RESULTS.glob("*.md"), key=lambda p: (not p.stem.startswith("summary"), p.stem)
+    )
     if not tables:
         return "\nNo benchmark results are committed yet: run the commands above.\n"
     parts = []
@@ -82,18 +87,13 @@ def _benchmark_sections() -> str:
     return "".join(parts)
 
 
-def _source_read(app, docname: str, source: list[str]) -> None:  # noqa: ANN001
-    """Fill in the benchmark results, and cope with a production guide not yet written."""
+def _source_read(app, docname: str, source: list[str]) -> None:
+    """Append the generated benchmark tables and plots to the benchmarks page."""
     if docname == "benchmarks":
         source[0] += _benchmark_sections()
-    if not PRODUCTION.exists():
-        if docname == "guide/index":
-            source[0] = source[0].replace("\nproduction\n", "\n")
-        source[0] = source[0].replace("[production guide](production.md)", "production guide")
 
 
-def setup(app) -> dict[str, bool]:  # noqa: ANN001
+def setup(app) -> dict[str, bool]:
     """Register the build-time hooks."""
     app.connect("source-read", _source_read)
-    app.add_config_value("hsoftmax_bench_results", str(BENCH_RESULTS), "env")
     return {"parallel_read_safe": True}

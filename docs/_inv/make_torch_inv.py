@@ -37,7 +37,12 @@ ENTRIES: list[tuple[str, str, str, str]] = [
         "generated/torch.nn.AdaptiveLogSoftmaxWithLoss.html",
         "$",
     ),
-    ("torch.nn.parameter.Parameter", "py:class", "generated/torch.nn.parameter.Parameter.html", "$"),
+    (
+        "torch.nn.parameter.Parameter",
+        "py:class",
+        "generated/torch.nn.parameter.Parameter.html",
+        "$",
+    ),
     (
         "torch.nn.functional.cross_entropy",
         "py:function",
