@@ -6,6 +6,7 @@ needed: the PyTorch intersphinx inventory is written locally by ``_inv/make_torc
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ ROOT = DOCS.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(DOCS / "_inv"))
 
-from make_torch_inv import write_inventory  # noqa: E402
+from make_torch_inv import PYTHON_ENTRIES, write_inventory  # noqa: E402
 
 import hsoftmax  # noqa: E402
 
@@ -53,6 +54,10 @@ intersphinx_mapping = {
         "https://pytorch.org/docs/stable/",
         str(write_inventory(DOCS / "_inv" / "torch.inv")),
     ),
+    "python": (
+        "https://docs.python.org/3/",
+        str(write_inventory(DOCS / "_inv" / "python.inv", "Python", PYTHON_ENTRIES)),
+    ),
 }
 intersphinx_timeout = 1
 
@@ -67,7 +72,7 @@ html_static_path: list[str] = []
 
 
 # -- pages assembled at build time ---------------------------------------------------------------
-BENCH_RESULTS = ROOT / "benchmarks" / "results"
+BENCH_RESULTS = Path(os.environ.get("HSOFTMAX_BENCH_RESULTS", ROOT / "benchmarks" / "results"))
 
 
 def _benchmark_sections() -> str:
@@ -78,12 +83,12 @@ def _benchmark_sections() -> str:
     if not tables:
         return "\nNo benchmark results are committed yet: run the commands above.\n"
     parts = []
-    for table in tables:
-        rel = f"../benchmarks/results/{table.name}"
-        parts.append(f"\n## `{table.stem}`\n\n```{{include}} {rel}\n:heading-offset: 2\n```\n")
+    for table in tables:  # each generated table starts with its own "# " title
+        rel = os.path.relpath(table, DOCS)  # paths in the page are relative to docs/
+        parts.append(f"\n```{{include}} {rel}\n:heading-offset: 1\n```\n")
         png = table.with_suffix(".png")
         if png.exists():
-            parts.append(f"\n![{table.stem}](../benchmarks/results/{png.name})\n")
+            parts.append(f"\n![{table.stem}]({os.path.relpath(png, DOCS)})\n")
     return "".join(parts)
 
 

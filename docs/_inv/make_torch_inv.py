@@ -1,5 +1,6 @@
-"""Write ``docs/_inv/torch.inv``: a small, offline Sphinx inventory of the PyTorch names the
-docs refer to, with their real URLs on pytorch.org.
+"""Write ``docs/_inv/torch.inv`` and ``python.inv``: small, offline Sphinx inventories of the
+PyTorch and Python names the docs refer to, with their real URLs on pytorch.org and
+docs.python.org.
 
 The docs are built without network access, so intersphinx cannot download PyTorch's own
 inventory. This script lists the entries the docs and docstrings use; ``docs/conf.py`` runs it
@@ -29,6 +30,13 @@ ENTRIES: list[tuple[str, str, str, str]] = [
     ("torch.export.export", "py:function", "export.html", "$"),
     ("torch.distributed", "py:module", "distributed.html", "module-torch.distributed"),
     ("torch.nn.Module", "py:class", "generated/torch.nn.Module.html", "$"),
+    # how autodoc spells nn.Module in signatures
+    (
+        "torch.nn.modules.module.Module",
+        "py:class",
+        "generated/torch.nn.Module.html",
+        "torch.nn.Module",
+    ),
     ("torch.nn.Linear", "py:class", "generated/torch.nn.Linear.html", "$"),
     ("torch.nn.CrossEntropyLoss", "py:class", "generated/torch.nn.CrossEntropyLoss.html", "$"),
     (
@@ -62,41 +70,58 @@ ENTRIES: list[tuple[str, str, str, str]] = [
         "$",
     ),
     ("torch.optim.AdamW", "py:class", "generated/torch.optim.AdamW.html", "$"),
+    ("torch.optim.SparseAdam", "py:class", "generated/torch.optim.SparseAdam.html", "$"),
     ("torch.utils.benchmark", "py:module", "benchmark_utils.html", "module-torch.utils.benchmark"),
 ]
 
-HEADER = (
-    "# Sphinx inventory version 2\n"
-    "# Project: PyTorch\n"
-    "# Version: stable\n"
-    "# The remainder of this file is compressed using zlib.\n"
-)
+#: The same for the Python standard library names that signatures use
+#: (relative to https://docs.python.org/3/).
+PYTHON_ENTRIES: list[tuple[str, str, str, str]] = [
+    ("collections.abc.Iterable", "py:class", "library/collections.abc.html", "$"),
+    ("collections.abc.Iterator", "py:class", "library/collections.abc.html", "$"),
+    ("collections.abc.Sequence", "py:class", "library/collections.abc.html", "$"),
+    ("collections.abc.Callable", "py:class", "library/collections.abc.html", "$"),
+    ("typing.NamedTuple", "py:class", "library/typing.html", "$"),
+    ("typing.Any", "py:data", "library/typing.html", "$"),
+]
 
 
-def inventory_bytes() -> bytes:
+def inventory_bytes(project: str = "PyTorch", entries: list | None = None) -> bytes:
     """The inventory file's content, in the format of ``sphinx.util.inventory``.
+
+    Args:
+        project: the project name written in the header.
+        entries: the entries. Default: :data:`ENTRIES` (PyTorch).
 
     Returns:
         The header followed by the zlib-compressed entry lines.
     """
+    header = (
+        "# Sphinx inventory version 2\n"
+        f"# Project: {project}\n"
+        "# Version: stable\n"
+        "# The remainder of this file is compressed using zlib.\n"
+    )
     lines = []
-    for name, role, page, anchor in ENTRIES:
+    for name, role, page, anchor in ENTRIES if entries is None else entries:
         uri = f"{page}#{anchor}"
         lines.append(f"{name} {role} 1 {uri} -\n")
     body = "".join(lines).encode("utf-8")
-    return HEADER.encode("utf-8") + zlib.compress(body, 9)
+    return header.encode("utf-8") + zlib.compress(body, 9)
 
 
-def write_inventory(path: Path) -> Path:
-    """Write the inventory to ``path`` if its content changed.
+def write_inventory(path: Path, project: str = "PyTorch", entries: list | None = None) -> Path:
+    """Write an inventory to ``path`` if its content changed.
 
     Args:
         path: where to write, e.g. ``docs/_inv/torch.inv``.
+        project: the project name. Default: ``"PyTorch"``.
+        entries: the entries. Default: :data:`ENTRIES`.
 
     Returns:
         ``path``.
     """
-    data = inventory_bytes()
+    data = inventory_bytes(project, entries)
     if not path.exists() or path.read_bytes() != data:
         path.write_bytes(data)
     return path
@@ -104,3 +129,4 @@ def write_inventory(path: Path) -> Path:
 
 if __name__ == "__main__":
     print(write_inventory(Path(__file__).with_name("torch.inv")))
+    print(write_inventory(Path(__file__).with_name("python.inv"), "Python", PYTHON_ENTRIES))
