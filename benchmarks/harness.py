@@ -249,6 +249,8 @@ def _git_commit() -> str:
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
+    if not sha:  # not a git checkout (e.g. a copied working tree)
+        return ""
     return sha + ("+dirty" if dirty else "")
 
 
