@@ -66,6 +66,8 @@ COLUMNS = (
     "ratio_vs_gather_bmm",
     "peak_rss_mb",
     "idle_rss_mb",
+    "peak_rss_warm_mb",
+    "warm_idle_rss_mb",
     "peak_cuda_mb",
     "est_mb",
     "verified",
@@ -375,11 +377,18 @@ def run_tasks_inprocess(tasks: Sequence[Task]) -> list[dict[str, Any]]:
     return out
 
 
-def idle_rss_kb(opts: Options) -> float | None:
-    """``ru_maxrss`` of an idle worker (torch, hsoftmax and the baselines imported, no tensors)."""
+def idle_rss_kb(opts: Options, warm: bool = False) -> float | None:
+    """``ru_maxrss`` of an idle worker (torch, hsoftmax and the baselines imported, no tensors).
+
+    With ``warm``, the worker also trains and queries every method once on a tiny head
+    (64 -> 16, 10 x 10 classes), so that its peak includes the code pages of libtorch, MKL's
+    buffers and the allocator arenas that any method's step touches: subtracting it leaves the
+    memory that grows with the head (parameters, gradients, optimizer state, activations).
+    """
     if opts.isolation == "inprocess":
         return None
-    t = Task("idle", "none", "none", opts.preset.shape, opts.device, opts.dtype, opts.threads)
+    question = "idle_warm" if warm else "idle"
+    t = Task(question, "none", "none", opts.preset.shape, opts.device, opts.dtype, opts.threads)
     r = run_in_process([t], opts.timeout_s)[0]
     return r.get("peak_rss_kb")
 
@@ -409,7 +418,10 @@ def run_suite(
             )
         else:
             runnable.append(t)
-    idle = idle_rss_kb(opts) if any(t.question != "idle" for t in runnable) else None
+    idle = idle_rss_kb(opts) if runnable else None
+    warm = None
+    if any(t.question in ("memory_train", "sparse_train") for t in runnable):
+        warm = idle_rss_kb(opts, warm=True)
     pooled: dict[tuple[str, str, str, int], list[dict[str, Any]]] = {}
     n_total = opts.rounds * len(runnable)
     done = 0
@@ -434,7 +446,7 @@ def run_suite(
     progress(f"[{script}] {n_total} tasks in {time.perf_counter() - t_start:.0f} s")
     rows = [
         _row(t, pooled.get(t.key(), []), skipped.get(t.key(), ""), opts, env, idle,
-             estimate.get(t.key()))
+             estimate.get(t.key()), warm)
         for t in tasks
     ]
     add_ratios(rows)
@@ -485,6 +497,7 @@ def _row(
     env: dict[str, Any],
     idle_kb: float | None,
     est: int | None,
+    warm_kb: float | None = None,
 ) -> dict[str, Any]:
     s = t.shape
     row: dict[str, Any] = dict.fromkeys(COLUMNS, "")
@@ -497,6 +510,7 @@ def _row(
         params=parameter_count(t.method, s) if t.method in METHODS else "",
         est_mb=round(est / 2**20) if est else "",
         idle_rss_mb=round(idle_kb / 1024, 1) if idle_kb else "",
+        warm_idle_rss_mb=round(warm_kb / 1024, 1) if warm_kb else "",
     )
     errors = [r["error"] for r in results if r.get("error")]
     ok = [r for r in results if not r.get("error")]
@@ -517,6 +531,8 @@ def _row(
         peaks = [r["peak_rss_kb"] for r in ok if r.get("peak_rss_kb")]
         if peaks and idle_kb and opts.isolation == "question":
             row["peak_rss_mb"] = round((max(peaks) - idle_kb) / 1024, 1)
+            if warm_kb:
+                row["peak_rss_warm_mb"] = round((max(peaks) - warm_kb) / 1024, 1)
         loads = [r["load1"] for r in ok if r.get("load1") is not None]
         if loads:
             row["load1"] = round(max(loads), 2)

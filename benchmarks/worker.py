@@ -23,7 +23,8 @@ before any verification, so the checks' float64 references are not counted.
   heads.
 - ``memory_train`` / ``sparse_train``: construct, then ``steps`` training steps; each step is
   timed with ``time.perf_counter`` (after the first, which allocates optimizer state).
-- ``idle``: nothing (the baseline of ``ru_maxrss``).
+- ``idle``: nothing (the baseline of ``ru_maxrss``); ``idle_warm``: every method trained and
+  queried once on a tiny head (the baseline of ``peak_rss_warm_mb``).
 """
 
 from __future__ import annotations
@@ -215,7 +216,9 @@ def run_task(task: Any) -> dict[str, Any]:
         torch.set_num_threads(task.threads)
         if task.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        if task.question != "idle":
+        if task.question == "idle_warm":
+            _warm_up_all(task)
+        elif task.question != "idle":
             _run(task, res)
     except _Skip as exc:
         res["error"] = f"skipped: {exc}"
@@ -226,6 +229,27 @@ def run_task(task: Any) -> dict[str, Any]:
     if "peak_rss_kb" not in res:  # idle, or a task that failed before its peak was marked
         _mark_peak(task, res)
     return res
+
+
+def _warm_up_all(task: Any) -> None:
+    """Train and query every method once on a tiny head (the warm idle baseline)."""
+    from baselines import METHODS, HeadShape
+
+    tiny = HeadShape(64, 16, 10, 10, None, 16)
+    for name in METHODS:
+        t = type(task)("train", name, "sparse" if name.endswith("sparse") else "adamw_fused",
+                       tiny, task.device, task.dtype, task.threads)
+        try:
+            m = _build(t)
+        except _Skip:
+            continue
+        opt = make_optimizer(m, t.variant)
+        step = _train_step_fn(m, opt, _batches(t))
+        for _ in range(2):
+            step()
+        x = _batches(t, 1)[0][0]
+        with torch.inference_mode():
+            m.log_probs(x), m.topk(x, 5), m.predict(x)
 
 
 def _mark_peak(task: Any, res: dict[str, Any]) -> None:
