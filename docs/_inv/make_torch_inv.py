@@ -30,7 +30,8 @@ ENTRIES: list[tuple[str, str, str, str]] = [
     ("torch.export.export", "py:function", "export.html", "$"),
     ("torch.distributed", "py:module", "distributed.html", "module-torch.distributed"),
     ("torch.nn.Module", "py:class", "generated/torch.nn.Module.html", "$"),
-    # how autodoc spells nn.Module in signatures
+    # how autodoc spells nn.Module in signatures (resolved, or as written in the annotation)
+    ("nn.Module", "py:class", "generated/torch.nn.Module.html", "torch.nn.Module"),
     (
         "torch.nn.modules.module.Module",
         "py:class",
