@@ -401,7 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(format_timings(results))
     print(
-        "train step = zero_grad(set_to_none=False) + forward + cross-entropy + backward + SGD step;\n"
+        "train step = zero_grad(set_to_none=False) + forward + cross-entropy + backward"
+        " + SGD step;\n"
         "top-1 = argmax for the flat heads, top-1 routing (predict) for the hierarchical one."
     )
     _progress(f"done in {time.perf_counter() - start:.1f} s")

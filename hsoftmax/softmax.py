@@ -59,7 +59,7 @@ class HierarchicalSoftmax(nn.Module):
             ``nn.Module``. Default: ``'relu'``.
         sparse: give ``bottom_weight`` and ``bottom_bias`` sparse gradients holding only the
             nodes a batch touches, for :class:`torch.optim.SparseAdam` (see
-            :func:`~hsoftmax.split_parameters`). Stock dense optimizers reject sparse
+            :func:`~hsoftmax.bottom.split_parameters`). Stock dense optimizers reject sparse
             gradients. Default: ``False``.
         device: device of the parameters. Default: ``None``.
         dtype: floating dtype of the parameters. Default: ``None``.
