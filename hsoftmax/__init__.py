@@ -24,6 +24,7 @@ from .metrics import (
     target_rank,
     topk_accuracy,
 )
+from .optim import SparseRowAdamW
 from .softmax import HierarchicalSoftmax
 
 __version__ = "0.1.0"
@@ -35,6 +36,7 @@ __all__ = [
     "HierarchicalOutput",
     "HierarchicalSoftmax",
     "RankingMetrics",
+    "SparseRowAdamW",
     "__version__",
     "bottleneck_head_parameters",
     "check_class_slots",

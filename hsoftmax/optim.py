@@ -1,0 +1,118 @@
+"""A lazy AdamW for the sparse row gradients of ``HierarchicalSoftmax(..., sparse=True)``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["SparseRowAdamW"]
+
+
+def _summed_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
+    """The distinct rows of a sparse COO gradient (``sparse_dim=1``) and their summed values."""
+    index, values = grad._indices()[0], grad._values()
+    if grad.is_coalesced():
+        return index, values
+    rows, inverse = torch.unique(index, return_inverse=True)
+    summed = values.new_zeros(rows.shape[0], *values.shape[1:]).index_add_(0, inverse, values)
+    return rows, summed
+
+
+class SparseRowAdamW(torch.optim.Optimizer):
+    """Lazy AdamW for parameters whose gradients are sparse COO tensors of rows.
+
+    Only the rows present in a gradient are read and written: their moments are updated as in
+    Adam, the decoupled weight decay ``lr * weight_decay`` shrinks them, and the rows that a
+    step does not touch stay as they are, moments included (lazy Adam, as
+    :class:`torch.optim.SparseAdam`; the bias corrections count the optimizer's steps). With
+    ``weight_decay=0`` it takes the steps of :class:`torch.optim.SparseAdam` (but for ``eps``,
+    added after the bias correction as in :class:`torch.optim.AdamW`) with far fewer passes
+    over memory: a step costs ``O(rows touched)``.
+
+    Trade-off against dense AdamW: a row's moments do not decay while the row is not used, so a
+    rarely used node keeps a stale, larger momentum; weight decay also reaches a row only when
+    it is used.
+
+    Args:
+        params: parameters (or parameter groups) with sparse row gradients, e.g.
+            ``hsoftmax.split_parameters(model)[1]``.
+        lr: learning rate. Default: ``1e-3``.
+        betas: coefficients of the running averages. Default: ``(0.9, 0.999)``.
+        eps: added to the denominator. Default: ``1e-8``.
+        weight_decay: decoupled weight decay. Default: ``0.0``.
+
+    Example:
+        >>> import torch, hsoftmax
+        >>> head = hsoftmax.HierarchicalSoftmax(16, 4, 5, 8, sparse=True)
+        >>> dense, sparse = hsoftmax.split_parameters(head)
+        >>> optimizers = [torch.optim.AdamW(dense), hsoftmax.SparseRowAdamW(sparse, lr=1e-2)]
+        >>> x, y = torch.randn(3, 16), torch.tensor([0, 4, 9])
+        >>> hsoftmax.HierarchicalCrossEntropy()(head(x), y).backward()
+        >>> for optimizer in optimizers:
+        ...     optimizer.step()
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
+        if not lr >= 0.0:
+            raise ValueError(f"expected lr >= 0, got {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"expected betas in [0, 1), got {betas}")
+        if not eps >= 0.0:
+            raise ValueError(f"expected eps >= 0, got {eps}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"expected weight_decay >= 0, got {weight_decay}")
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Update the rows present in each parameter's sparse gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
+            for parameter in group["params"]:
+                grad = parameter.grad
+                if grad is None:
+                    continue
+                if grad.layout != torch.sparse_coo or grad.sparse_dim() != 1:
+                    raise ValueError(
+                        "expected a sparse COO gradient of rows (sparse_dim=1), as "
+                        f"HierarchicalSoftmax(sparse=True) gives, got layout {grad.layout}; "
+                        "use torch.optim.AdamW for dense gradients"
+                    )
+                state = self.state[parameter]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(parameter)
+                    state["exp_avg_sq"] = torch.zeros_like(parameter)
+                state["step"] += 1
+                rows, values = _summed_rows(grad)
+                exp_avg = state["exp_avg"].index_select(0, rows).lerp_(values, 1 - beta1)
+                exp_avg_sq = state["exp_avg_sq"].index_select(0, rows).mul_(beta2)
+                exp_avg_sq.addcmul_(values, values, value=1 - beta2)
+                state["exp_avg"].index_copy_(0, rows, exp_avg)
+                state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
+                correction1 = 1 - beta1 ** state["step"]
+                correction2 = 1 - beta2 ** state["step"]
+                denom = exp_avg_sq.sqrt_().div_(math.sqrt(correction2)).add_(eps)
+                weights = parameter.index_select(0, rows)
+                if decay:
+                    weights.mul_(1 - lr * decay)
+                weights.addcdiv_(exp_avg, denom, value=-lr / correction1)
+                parameter.index_copy_(0, rows, weights)
+        return loss
