@@ -375,8 +375,23 @@ def build_method(name: str, shape: HeadShape, device: Any = None, dtype: Any = N
     raise ValueError(f"expected a method in {METHODS}, got {name!r}")
 
 
-#: Optimizer variants. ``sparse``: SparseAdam on the sparse parameters, fused AdamW on the rest.
-OPTIMIZERS = ("adamw_fused", "adamw", "sparse")
+#: Optimizer variants. ``sparse``: the optimizer hsoftmax documents for sparse gradients
+#: (``hsoftmax.SparseRowAdamW``; ``torch.optim.SparseAdam`` where hsoftmax has none) on the sparse
+#: parameters and fused AdamW on the rest; ``sparseadam``: ``torch.optim.SparseAdam`` instead.
+OPTIMIZERS = ("adamw_fused", "adamw", "sparse", "sparseadam")
+
+
+def sparse_optimizer_name(kind: str) -> str:
+    """The class used for the sparse parameters by optimizer variant ``kind``."""
+    if kind == "sparse":
+        try:
+            import hsoftmax
+
+            if hasattr(hsoftmax, "SparseRowAdamW"):
+                return "hsoftmax.SparseRowAdamW"
+        except Exception:  # pragma: no cover
+            pass
+    return "torch.optim.SparseAdam"
 
 
 class _Chain:
@@ -405,12 +420,18 @@ def make_optimizer(method: Method, kind: str, lr: float = 1e-3) -> Any:
         return torch.optim.AdamW(method.parameters(), lr=lr, fused=True)
     if kind == "adamw":
         return torch.optim.AdamW(method.parameters(), lr=lr)
-    if kind == "sparse":
+    if kind in ("sparse", "sparseadam"):
         sparse = method.sparse_parameters()
         if not sparse:
             raise ValueError(f"method {method.name!r} has no sparse parameters")
+        if sparse_optimizer_name(kind) == "hsoftmax.SparseRowAdamW":
+            import hsoftmax
+
+            sparse_opt: torch.optim.Optimizer = hsoftmax.SparseRowAdamW(sparse, lr=lr)
+        else:
+            sparse_opt = torch.optim.SparseAdam(sparse, lr=lr)
         return _Chain(
-            torch.optim.SparseAdam(sparse, lr=lr),
+            sparse_opt,
             torch.optim.AdamW(list(method.dense_parameters()), lr=lr, fused=True),
         )
     raise ValueError(f"expected an optimizer in {OPTIMIZERS}, got {kind!r}")
@@ -452,7 +473,7 @@ def estimate_train_bytes(name: str, shape: HeadShape, optimizer: str, itemsize: 
         act = 4 * b * max(adaptive_cutoffs(c)[0], c // 2)
     else:
         act = 4 * b * h * shape.n_bottom
-    if optimizer == "sparse":
+    if optimizer.startswith("sparse"):
         padded = shape.n_top * shape.n_bottom
         bottom = padded * (h + 1)
         return (3 * bottom + 4 * (n - bottom) + act) * itemsize

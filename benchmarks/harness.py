@@ -554,7 +554,7 @@ def _row(
 
 def _reference(rows: Sequence[dict[str, Any]], row: dict[str, Any], method: str) -> Any:
     variant = row["variant"]
-    if row["question"] in ("train", "memory_train") and variant == "sparse":
+    if variant.startswith("sparse"):
         variant = "adamw_fused"  # sparse rows compare against the dense flat step
     for r in rows:
         if (r["method"] == method and r["question"] == row["question"]
@@ -628,7 +628,7 @@ def make_task(opts: Options, question: str, method: str, variant: str, shape: He
 
 def train_variants(method: str) -> tuple[str, ...]:
     """Optimizers a method is trained with: fused and default AdamW, or the sparse pair."""
-    return ("sparse",) if method == "hsoftmax_sparse" else ("adamw_fused", "adamw")
+    return ("sparse", "sparseadam") if method == "hsoftmax_sparse" else ("adamw_fused", "adamw")
 
 
 def param_rows(opts: Options, shapes: Sequence[HeadShape]) -> list[dict[str, Any]]:

@@ -52,6 +52,7 @@ from baselines import (  # noqa: E402
     build_method,
     hsoftmax_available,
     make_optimizer,
+    sparse_optimizer_name,
 )
 from torch.utils import benchmark  # noqa: E402
 
@@ -267,6 +268,9 @@ def _run(task: Any, res: dict[str, Any]) -> None:
     res["params"] = sum(p.numel() for p in m.parameters())
     batches = _batches(task)
     q = task.question
+    if task.variant.startswith("sparse"):
+        res["notes"].append(f"{sparse_optimizer_name(task.variant)} on the sparse parameters, "
+                            "fused AdamW on the rest")
     if q == "train":
         m.train()
         opt = make_optimizer(m, task.variant)
