@@ -3,7 +3,8 @@
 - ``params``: closed-form parameter counts of every method (cross-checked against the built
   modules in the ``params`` column of the other rows).
 - ``memory_train``: peak RSS of a fresh process that builds the method, its optimizer (fused
-  AdamW; SparseAdam + fused AdamW for ``hsoftmax_sparse``) and runs 3 training steps, minus the
+  AdamW; SparseRowAdamW + fused AdamW for ``hsoftmax_sparse``) and runs 3 training steps, minus
+  the
   peak RSS of an idle worker with torch imported (column ``idle_rss_mb``).
 - ``sparse_train``: the same at the preset's big sizes (full: 1,000,000 and 10,000,000 classes,
   80 slots per node), for the sparse head and, as estimated skips or measurements, the others.

@@ -2,8 +2,9 @@
 
 Every method at the preset's head size (PlantCLEF: 1792 -> 128, 1000 x 80 = 80,000 classes,
 batch 256), with ``torch.optim.AdamW(fused=True)`` and with AdamW's default implementation;
-the sparse head (``hsoftmax_sparse``) with SparseAdam on the bottom weights and fused AdamW on
-the rest. Rows: ``question=train``, ``variant`` = the optimizer.
+the sparse head (``hsoftmax_sparse``) with ``hsoftmax.SparseRowAdamW`` (variant ``sparse``) or
+``torch.optim.SparseAdam`` (``sparseadam``) on the bottom weights and fused AdamW on the rest.
+Rows: ``question=train``, ``variant`` = the optimizer.
 
     python benchmarks/bench_train.py            # full PlantCLEF run (minutes)
     python benchmarks/bench_train.py --quick    # small head, about 20 s
