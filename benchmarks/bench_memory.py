@@ -4,8 +4,8 @@
   modules in the ``params`` column of the other rows).
 - ``memory_train``: peak RSS of a fresh process that builds the method, its optimizer (fused
   AdamW; SparseRowAdamW + fused AdamW for ``hsoftmax_sparse``) and runs 3 training steps, minus
-  the
-  peak RSS of an idle worker with torch imported (column ``idle_rss_mb``).
+  the peak RSS of an idle worker with torch imported (column ``idle_rss_mb``), and minus a warm
+  idle worker that ran every method on a tiny head (``peak_rss_warm_mb``).
 - ``sparse_train``: the same at the preset's big sizes (full: 1,000,000 and 10,000,000 classes,
   80 slots per node), for the sparse head and, as estimated skips or measurements, the others.
   What would not fit in memory is estimated first and recorded with a skip reason.

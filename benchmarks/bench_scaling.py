@@ -1,9 +1,9 @@
 """How does the cost grow with the number of classes?
 
 Training step (fused AdamW; SparseRowAdamW + fused AdamW for ``hsoftmax_sparse``) and exact
-top-5 of
-every method at each of the preset's class counts (full: 1,000, 10,000, 100,000 and 1,000,000;
-80 slots per node, the last node padded), with the preset's in_features, hidden and batch.
+top-5 of every method at each of the preset's class counts (full: 1,000, 10,000, 100,000 and
+1,000,000; 80 slots per node, the last node padded), with the preset's in_features, hidden and
+batch.
 Tasks whose estimated memory exceeds the budget are skipped and recorded with the reason.
 One round by default (``--rounds`` to change it).
 
