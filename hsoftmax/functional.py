@@ -170,13 +170,21 @@ def gold_log_prob(out: HierarchicalOutput, target: Tensor) -> Tensor:
         True
     """
     top, bottom, node, slot = _gold_path(out, target)
-    gold = top.gather(1, node.unsqueeze(1)) + bottom.gather(1, slot.unsqueeze(1))
-    return gold.view(target.shape)
+    return _pick(top, bottom, node, slot).view(target.shape)
 
 
-def _check_reduction(reduction: str) -> None:
+def _pick(top: Tensor, bottom: Tensor, node: Tensor, slot: Tensor) -> Tensor:
+    """``top[i, node[i]] + bottom[i, slot[i]]`` for every row ``i``."""
+    return (top.gather(1, node.unsqueeze(1)) + bottom.gather(1, slot.unsqueeze(1))).squeeze(1)
+
+
+def check_loss_options(reduction: str, label_smoothing: float) -> None:
+    """Raise a ``ValueError`` for an unknown ``reduction`` or a ``label_smoothing`` outside
+    ``[0, 1]``."""
     if reduction not in _REDUCTIONS:
         raise ValueError(f"expected reduction in {_REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"expected label_smoothing in [0, 1], got {label_smoothing}")
 
 
 def _check_target(out: HierarchicalOutput, target: Tensor, ignore_index: int) -> None:
@@ -252,9 +260,7 @@ def hierarchical_cross_entropy(
         >>> torch.allclose(loss, expected)
         True
     """
-    _check_reduction(reduction)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"expected label_smoothing in [0, 1], got {label_smoothing}")
+    check_loss_options(reduction, label_smoothing)
     _check_target(out, target, ignore_index)
     if weight is not None and weight.shape != (out.num_classes,):
         raise ValueError(
@@ -265,7 +271,7 @@ def hierarchical_cross_entropy(
     keep = (target != ignore_index).reshape(-1)
     safe_target = torch.where(keep, target.reshape(-1), torch.zeros_like(keep, dtype=target.dtype))
     top, bottom, node, slot = _gold_path(out, safe_target)
-    nll = -(top.gather(1, node.unsqueeze(1)) + bottom.gather(1, slot.unsqueeze(1))).squeeze(1)
+    nll = -_pick(top, bottom, node, slot)
     if label_smoothing > 0.0:
         smooth = _mean_valid(-top, torch.isfinite(top)) + _mean_valid(
             -bottom, _slot_mask_of(out, node, bottom)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .functional import HierarchicalOutput, hierarchical_cross_entropy
+from .functional import HierarchicalOutput, check_loss_options, hierarchical_cross_entropy
 
 __all__ = ["HierarchicalCrossEntropy"]
 
@@ -49,10 +49,7 @@ class HierarchicalCrossEntropy(nn.Module):
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
-        if reduction not in ("none", "mean", "sum"):
-            raise ValueError(f"expected reduction in ('none', 'mean', 'sum'), got {reduction!r}")
-        if not 0.0 <= label_smoothing <= 1.0:
-            raise ValueError(f"expected label_smoothing in [0, 1], got {label_smoothing}")
+        check_loss_options(reduction, label_smoothing)
         if weight is not None and (not isinstance(weight, Tensor) or weight.dim() != 1):
             shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
             raise ValueError(f"expected weight to be a 1-D tensor (one per class), got {shape}")
