@@ -378,7 +378,7 @@ def build_method(name: str, shape: HeadShape, device: Any = None, dtype: Any = N
 #: Optimizer variants. ``sparse``: the optimizer hsoftmax documents for sparse gradients
 #: (``hsoftmax.SparseRowAdamW``; ``torch.optim.SparseAdam`` where hsoftmax has none) on the sparse
 #: parameters and fused AdamW on the rest; ``sparseadam``: ``torch.optim.SparseAdam`` instead.
-OPTIMIZERS = ("adamw_fused", "adamw", "sparse", "sparseadam")
+OPTIMIZERS = ("adamw_fused", "adamw_fused_keep", "adamw", "sparse", "sparseadam")
 
 
 def sparse_optimizer_name(kind: str) -> str:
@@ -412,11 +412,15 @@ class _Chain:
 def make_optimizer(method: Method, kind: str, lr: float = 1e-3) -> Any:
     """The optimizer ``kind`` (one of :data:`OPTIMIZERS`) for ``method``'s parameters.
 
-    ``adamw_fused`` is ``torch.optim.AdamW(fused=True)``; ``adamw`` is AdamW with torch's default
-    implementation for the device (the per-tensor loop on CPU, foreach on CUDA); ``sparse`` is
-    ``torch.optim.SparseAdam`` on :meth:`Method.sparse_parameters` and fused AdamW on the others.
+    ``adamw_fused`` is ``torch.optim.AdamW(fused=True)``; ``adamw_fused_keep`` is the same (the
+    benchmark then keeps the gradients between steps, ``zero_grad(set_to_none=False)``, as
+    hsoftmax's README advises); ``adamw`` is AdamW with torch's default implementation for the
+    device (the per-tensor loop on CPU, foreach on CUDA); ``sparse`` is
+    ``hsoftmax.SparseRowAdamW`` (``torch.optim.SparseAdam`` where hsoftmax has none) on
+    :meth:`Method.sparse_parameters` and fused AdamW on the others; ``sparseadam`` uses
+    ``torch.optim.SparseAdam``.
     """
-    if kind == "adamw_fused":
+    if kind in ("adamw_fused", "adamw_fused_keep"):
         return torch.optim.AdamW(method.parameters(), lr=lr, fused=True)
     if kind == "adamw":
         return torch.optim.AdamW(method.parameters(), lr=lr)

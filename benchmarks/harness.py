@@ -628,7 +628,9 @@ def make_task(opts: Options, question: str, method: str, variant: str, shape: He
 
 def train_variants(method: str) -> tuple[str, ...]:
     """Optimizers a method is trained with: fused and default AdamW, or the sparse pair."""
-    return ("sparse", "sparseadam") if method == "hsoftmax_sparse" else ("adamw_fused", "adamw")
+    if method == "hsoftmax_sparse":
+        return ("sparse", "sparseadam")
+    return ("adamw_fused", "adamw_fused_keep", "adamw")
 
 
 def param_rows(opts: Options, shapes: Sequence[HeadShape]) -> list[dict[str, Any]]:

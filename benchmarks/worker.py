@@ -8,8 +8,8 @@ subtracts using an idle worker).
 What each question does (``x`` is a ``(batch, in_features)`` standard-normal batch, ``y`` uniform
 labels; four batches rotate so that no step sees the same data twice in a row):
 
-- ``train``: one step = ``zero_grad(set_to_none=True)``, ``loss(x, y)``, ``backward()``,
-  ``optimizer.step()``. Verified after timing: ``loss(x, y)`` equals
+- ``train``: one step = ``zero_grad(set_to_none=True)`` (``False`` for the ``*_keep`` variants),
+  ``loss(x, y)``, ``backward()``, ``optimizer.step()``. Verified after timing: ``loss(x, y)`` equals
   ``-log_probs(x)[y].mean()`` (the training loss is the NLL of the exact distribution).
 
 The peak memory (``ru_maxrss``, ``torch.cuda.max_memory_allocated``) is read right after timing,
@@ -197,13 +197,15 @@ def _is_identity(slots: torch.Tensor) -> bool:
     return bool((slots == torch.arange(len(slots), device=slots.device)).all())
 
 
-def _train_step_fn(m: Method, opt: Any, batches: list[Any]) -> Callable[[], None]:
+def _train_step_fn(
+    m: Method, opt: Any, batches: list[Any], set_to_none: bool = True
+) -> Callable[[], None]:
     state = {"i": 0}
 
     def step() -> None:
         x, y = batches[state["i"] % len(batches)]
         state["i"] += 1
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=set_to_none)
         m.loss(x, y).backward()
         opt.step()
 
@@ -274,7 +276,10 @@ def _run(task: Any, res: dict[str, Any]) -> None:
     if q == "train":
         m.train()
         opt = make_optimizer(m, task.variant)
-        res["times"] = _timeit(_train_step_fn(m, opt, batches), task)
+        keep = task.variant.endswith("_keep")
+        if keep:
+            res["notes"].append("zero_grad(set_to_none=False): gradients kept between steps")
+        res["times"] = _timeit(_train_step_fn(m, opt, batches, set_to_none=not keep), task)
         _mark_peak(task, res)
         x, y = batches[0]
         loss = m.loss(x, y).detach()
