@@ -398,16 +398,22 @@ def _scan_nodes(
     return found, chosen * n_bottom + where % n_bottom
 
 
+def _next_power_of_two(counts: Tensor) -> Tensor:
+    """The smallest power of two at least ``counts`` (int64, ``counts >= 1``)."""
+    return torch.pow(2, torch.ceil(torch.log2(counts.double())).long())
+
+
 def topk(out: HierarchicalOutput, k: int) -> tuple[Tensor, Tensor]:
     """The exact ``k`` most probable classes, sorted like :func:`torch.topk`.
 
     Since ``p(class) <= p(its node)``, a class can only beat the ``k``-th best class found so
     far if its node does. A first round scans each row's ``ceil(k / n_bottom)`` most probable
     nodes; the rows where some unscanned node is at least as probable as the ``k``-th class
-    found get a second round over exactly those nodes, after which the answer is exact. A
-    second round that would scan more than ``n_top / 16`` nodes per row computes those rows
-    densely instead. A peaked top distribution (a trained model) needs one or two nodes per
-    row; a flat one (an untrained model) costs about as much as :func:`log_probs`.
+    found get a second round over those nodes (their number rounded up to a power of two, to
+    scan rows in a few groups), after which the answer is exact. A second round that would
+    scan more than ``n_top / 16`` nodes per row computes those rows densely instead. A peaked
+    top distribution (a trained model) needs a few nodes per row; a flat one (an untrained
+    model) costs about as much as :func:`log_probs`.
 
     The answer equals ``log_probs(out).topk(k)`` up to floating-point rounding of the values;
     exact ties may be broken differently. The second round depends on the data (a host sync):
@@ -439,13 +445,16 @@ def topk(out: HierarchicalOutput, k: int) -> tuple[Tensor, Tensor]:
     first = -(-k // n_bottom)  # enough nodes to hold k classes
     values, positions = _scan_nodes(out, hidden, node_lp, node_order, k, first)
     if k > 0:
-        # nodes at least as probable as the k-th class found may still hold better classes
+        # Nodes at least as probable as the k-th class found may hold better classes. Rows are
+        # grouped by that number of nodes rounded up to a power of two, so that each row scans
+        # at most twice the nodes it needs (a few groups, never a loop over rows or nodes).
         needed = (node_lp >= values[:, -1:]).sum(-1)
-        rows = torch.nonzero(needed > first).squeeze(1)
-        if rows.numel() > 0:
-            count = int(needed[rows].max())
-            values[rows], positions[rows] = _scan_nodes(
-                out, hidden[rows], node_lp[rows], node_order[rows], k, count
-            )
+        bucket = torch.where(needed > first, _next_power_of_two(needed), 0)
+        for count in bucket.unique().tolist():
+            if count > 0:
+                rows = torch.nonzero(bucket == count).squeeze(1)
+                values[rows], positions[rows] = _scan_nodes(
+                    out, hidden[rows], node_lp[rows], node_order[rows], k, count
+                )
     shape = (*out.hidden.shape[:-1], k)
     return values.view(shape), _to_classes(out, positions).view(shape)
