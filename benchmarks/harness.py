@@ -80,7 +80,7 @@ COLUMNS = (
 )
 
 #: Questions whose ratio is "flat's value / this value" on ``time_ms`` (higher is better).
-TIME_QUESTIONS = ("train", "log_probs", "topk5", "predict", "sparse_train")
+TIME_QUESTIONS = ("train", "log_probs", "topk5", "predict", "sparse_train", "topk5_trained")
 
 
 @dataclass(frozen=True)
