@@ -373,23 +373,24 @@ def predict(out: HierarchicalOutput) -> Tensor:
     return _to_classes(out, positions).view(out.hidden.shape[:-1])
 
 
-# A gathered node costs about as much as 1/_DENSE_SCAN_RATIO of one row of the dense product
-# (a copy of its weights against a cache-friendly matrix product): scanning more nodes than
-# n_top / _DENSE_SCAN_RATIO per row is done densely.
+# Gathering one node's weights for one row costs about as much as _DENSE_SCAN_RATIO nodes of
+# one row of the dense product, which also reads all the weights once: scanning ``count`` nodes
+# for each of ``rows`` rows is done densely when that is cheaper.
 _DENSE_SCAN_RATIO = 16
 
 
 def _scan_nodes(
-    out: HierarchicalOutput, hidden: Tensor, node_lp: Tensor, node_order: Tensor, k: int, count: int
+    out: HierarchicalOutput, hidden: Tensor, top: Tensor, k: int, count: int
 ) -> tuple[Tensor, Tensor]:
-    """Exact top-k log-probabilities and positions of each row among its ``count`` best nodes."""
-    n_bottom = out.bottom_bias.shape[1]
-    if count * _DENSE_SCAN_RATIO >= out.bottom_bias.shape[0]:
-        top = torch.empty_like(node_lp).scatter_(1, node_order, node_lp)
+    """Exact top-k log-probabilities and positions of each row among its ``count`` most
+    probable nodes, from the top log-probabilities ``top`` ``(N, n_top)``."""
+    n_top, n_bottom = out.bottom_bias.shape
+    rows = hidden.shape[0]
+    if _DENSE_SCAN_RATIO * count * rows >= n_top * (_DENSE_SCAN_RATIO + rows):
         return _all_positions_log_probs(out, hidden, top).topk(k, dim=-1)
-    nodes = node_order[:, :count]
+    node_lp, nodes = top.topk(min(count, top.shape[-1]), dim=-1)
     logits = _node_bottom_logits(out, hidden, nodes)
-    candidates = _class_log_probs(node_lp[:, :count], logits).flatten(1)
+    candidates = _class_log_probs(node_lp, logits).flatten(1)
     if out.slot_mask is not None:
         valid = out.slot_mask.index_select(0, nodes.reshape(-1)).view_as(candidates)
         candidates = candidates.masked_fill(~valid, float("-inf"))
@@ -410,8 +411,9 @@ def topk(out: HierarchicalOutput, k: int) -> tuple[Tensor, Tensor]:
     far if its node does. A first round scans each row's ``ceil(k / n_bottom)`` most probable
     nodes; the rows where some unscanned node is at least as probable as the ``k``-th class
     found get a second round over those nodes (their number rounded up to a power of two, to
-    scan rows in a few groups), after which the answer is exact. A second round that would
-    scan more than ``n_top / 16`` nodes per row computes those rows densely instead. A peaked
+    scan rows in a few groups), after which the answer is exact. A group whose scan would cost
+    more than the full product (about ``n_top / 16`` nodes per row for a large group) is
+    computed densely instead. A peaked
     top distribution (a trained model) needs a few nodes per row; a flat one (an untrained
     model) costs about as much as :func:`log_probs`.
 
@@ -441,20 +443,18 @@ def topk(out: HierarchicalOutput, k: int) -> tuple[Tensor, Tensor]:
         raise ValueError(f"expected k in [0, {out.num_classes}] (num_classes), got {k}")
     hidden, top_logits = _flat(out)
     n_bottom = out.bottom_bias.shape[1]
-    node_lp, node_order = _log_softmax(top_logits).sort(dim=-1, descending=True)
+    top = _log_softmax(top_logits)
     first = -(-k // n_bottom)  # enough nodes to hold k classes
-    values, positions = _scan_nodes(out, hidden, node_lp, node_order, k, first)
+    values, positions = _scan_nodes(out, hidden, top, k, first)
     if k > 0:
         # Nodes at least as probable as the k-th class found may hold better classes. Rows are
         # grouped by that number of nodes rounded up to a power of two, so that each row scans
         # at most twice the nodes it needs (a few groups, never a loop over rows or nodes).
-        needed = (node_lp >= values[:, -1:]).sum(-1)
+        needed = (top >= values[:, -1:]).sum(-1)
         bucket = torch.where(needed > first, _next_power_of_two(needed), 0)
         for count in bucket.unique().tolist():
             if count > 0:
                 rows = torch.nonzero(bucket == count).squeeze(1)
-                values[rows], positions[rows] = _scan_nodes(
-                    out, hidden[rows], node_lp[rows], node_order[rows], k, count
-                )
+                values[rows], positions[rows] = _scan_nodes(out, hidden[rows], top[rows], k, count)
     shape = (*out.hidden.shape[:-1], k)
     return values.view(shape), _to_classes(out, positions).view(shape)
