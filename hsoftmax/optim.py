@@ -108,11 +108,12 @@ class SparseRowAdamW(torch.optim.Optimizer):
                 state["exp_avg"].index_copy_(0, rows, exp_avg)
                 state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
                 correction1 = 1 - beta1 ** state["step"]
-                correction2 = 1 - beta2 ** state["step"]
-                denom = exp_avg_sq.sqrt_().div_(math.sqrt(correction2)).add_(eps)
+                root2 = math.sqrt(1 - beta2 ** state["step"])
+                # m / c1 / (sqrt(v / c2) + eps) == (sqrt(c2) / c1) * m / (sqrt(v) + eps * sqrt(c2))
+                denom = exp_avg_sq.sqrt_().add_(eps * root2)
                 weights = parameter.index_select(0, rows)
                 if decay:
                     weights.mul_(1 - lr * decay)
-                weights.addcdiv_(exp_avg, denom, value=-lr / correction1)
+                weights.addcdiv_(exp_avg, denom, value=-lr * root2 / correction1)
                 parameter.index_copy_(0, rows, weights)
         return loss
