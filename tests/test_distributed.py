@@ -98,7 +98,7 @@ def _train(
     """SGD steps; the gradients of every step and the final parameters, by unwrapped name.
 
     With ``set_to_none=False`` the dense ``.grad`` is kept between steps, and the bottom rows
-    are added into it in place (see :mod:`hsoftmax.sparse`).
+    are added into it in place (see :mod:`hsoftmax.bottom`).
     """
     criterion = HierarchicalCrossEntropy()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
