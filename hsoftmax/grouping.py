@@ -17,7 +17,8 @@ from torch import Tensor
 __all__ = ["ClassLayout", "check_class_slots", "class_layout"]
 
 
-def _check_size(name: str, value: object) -> int:
+def check_size(name: str, value: object) -> int:
+    """Raise a ``ValueError`` unless ``value`` is a positive int (``bool`` excluded)."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"expected {name} to be a positive int, got {value!r}")
     return value
@@ -113,12 +114,12 @@ def class_layout(
         tensor([[ True,  True,  True],
                 [ True,  True, False]])
     """
-    _check_size("n_top", n_top)
-    _check_size("n_bottom", n_bottom)
+    check_size("n_top", n_top)
+    check_size("n_bottom", n_bottom)
     positions = n_top * n_bottom
     if num_classes is None:
         num_classes = positions if class_slots is None else len(class_slots)
-    _check_size("num_classes", num_classes)
+    check_size("num_classes", num_classes)
     if num_classes > positions:
         raise ValueError(
             f"expected num_classes in [1, {positions}] (n_top * n_bottom), got {num_classes}"

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from . import functional as HF
 from .functional import HierarchicalOutput
-from .grouping import ClassLayout, class_layout
+from .grouping import ClassLayout, check_size, class_layout
 
 __all__ = ["HierarchicalSoftmax"]
 
@@ -104,9 +104,8 @@ class HierarchicalSoftmax(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_features", in_features), ("hidden", hidden)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"expected {name} to be a positive int, got {value!r}")
+        check_size("in_features", in_features)
+        check_size("hidden", hidden)
         if dtype is not None and not dtype.is_floating_point:
             raise TypeError(f"expected a floating dtype for the parameters, got {dtype}")
         layout = class_layout(n_top, n_bottom, num_classes, class_slots)
