@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+import operator
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 __all__ = ["SparseRowAdamW"]
+
+
+#: Rows of at least this many elements are updated in place, as views, by one call of the fused
+#: AdamW kernel (CPU, torch >= 2.4); smaller rows are cheaper to gather, update and scatter.
+_MIN_VIEW_NUMEL = 1024
+
+_Views = tuple[tuple[Tensor, ...], ...]  # per-row views of (parameter, exp_avg, exp_avg_sq)
+
+
+def _pick(items: Sequence[Tensor], ids: list[int]) -> list[Tensor]:
+    """``[items[i] for i in ids]``, selected in C rather than by a Python loop."""
+    picked = operator.itemgetter(*ids)(items)
+    return [picked] if len(ids) == 1 else list(picked)
 
 
 def _summed_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
@@ -83,8 +97,6 @@ class SparseRowAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
             for parameter in group["params"]:
                 grad = parameter.grad
                 if grad is None:
@@ -102,18 +114,66 @@ class SparseRowAdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(parameter)
                 state["step"] += 1
                 rows, values = _summed_rows(grad)
-                exp_avg = state["exp_avg"].index_select(0, rows).lerp_(values, 1 - beta1)
-                exp_avg_sq = state["exp_avg_sq"].index_select(0, rows).mul_(beta2)
-                exp_avg_sq.addcmul_(values, values, value=1 - beta2)
-                state["exp_avg"].index_copy_(0, rows, exp_avg)
-                state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
-                correction1 = 1 - beta1 ** state["step"]
-                root2 = math.sqrt(1 - beta2 ** state["step"])
-                # m / c1 / (sqrt(v / c2) + eps) == (sqrt(c2) / c1) * m / (sqrt(v) + eps * sqrt(c2))
-                denom = exp_avg_sq.sqrt_().add_(eps * root2)
-                weights = parameter.index_select(0, rows)
-                if decay:
-                    weights.mul_(1 - lr * decay)
-                weights.addcdiv_(exp_avg, denom, value=-lr * root2 / correction1)
-                parameter.index_copy_(0, rows, weights)
+                if _fuses(parameter):
+                    views = self._row_views(parameter, state)
+                    _update_views(views, rows, values, group, state["step"])
+                else:
+                    _update_gathered(parameter, state, rows, values, group)
         return loss
+
+    def _row_views(self, parameter: Tensor, state: dict[str, Any]) -> _Views:
+        """Per-row views of the parameter and its moments, made once per storage."""
+        tensors = (parameter, state["exp_avg"], state["exp_avg_sq"])
+        key = tuple(t.data_ptr() for t in tensors)
+        cache = self.__dict__.setdefault("_view_cache", {})  # not in state_dict, not pickled
+        if cache.get(id(parameter), (None,))[0] != key:  # new, or storage replaced
+            cache[id(parameter)] = (key, tuple(t.detach().unbind(0) for t in tensors))
+        return cache[id(parameter)][1]
+
+
+def _fuses(parameter: Tensor) -> bool:
+    """Whether the rows of ``parameter`` are updated in place by the fused kernel."""
+    return (
+        hasattr(torch, "_fused_adamw_")
+        and parameter.device.type == "cpu"
+        and math.prod(parameter.shape[1:]) >= _MIN_VIEW_NUMEL
+    )
+
+
+def _update_views(
+    views: _Views, rows: Tensor, values: Tensor, group: dict[str, Any], step: int
+) -> None:
+    """One fused AdamW kernel over views of the touched rows: no gather, no scatter."""
+    ids = rows.tolist()
+    if not ids:
+        return
+    weights, exp_avg, exp_avg_sq = (_pick(v, ids) for v in views)
+    steps = [torch.tensor(float(step))] * len(ids)
+    beta1, beta2 = group["betas"]
+    torch._fused_adamw_(
+        weights, list(values.unbind(0)), exp_avg, exp_avg_sq, [], steps, lr=group["lr"],
+        beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
+        amsgrad=False, maximize=False,
+    )
+
+
+def _update_gathered(
+    parameter: Tensor, state: dict[str, Any], rows: Tensor, values: Tensor, group: dict[str, Any]
+) -> None:
+    """Gather the touched rows, update them with vectorised ops and scatter them back."""
+    (beta1, beta2), step = group["betas"], state["step"]
+    lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
+    exp_avg = state["exp_avg"].index_select(0, rows).lerp_(values, 1 - beta1)
+    exp_avg_sq = state["exp_avg_sq"].index_select(0, rows).mul_(beta2)
+    exp_avg_sq.addcmul_(values, values, value=1 - beta2)
+    state["exp_avg"].index_copy_(0, rows, exp_avg)
+    state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
+    correction1 = 1 - beta1**step
+    root2 = math.sqrt(1 - beta2**step)
+    # m / c1 / (sqrt(v / c2) + eps) == (sqrt(c2) / c1) * m / (sqrt(v) + eps * sqrt(c2))
+    denom = exp_avg_sq.sqrt_().add_(eps * root2)
+    weights = parameter.index_select(0, rows)
+    if decay:
+        weights.mul_(1 - lr * decay)
+    weights.addcdiv_(exp_avg, denom, value=-lr * root2 / correction1)
+    parameter.index_copy_(0, rows, weights)

@@ -7,11 +7,27 @@ import copy
 import pytest
 import torch
 
+import hsoftmax.optim
 from hsoftmax import HierarchicalCrossEntropy, HierarchicalSoftmax, SparseRowAdamW, split_parameters
 
 
-def _train(head: HierarchicalSoftmax, optimizer: torch.optim.Optimizer, steps: int = 4) -> None:
-    generator = torch.Generator().manual_seed(0)
+@pytest.fixture(autouse=True, params=["gathered", "views"])
+def update_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs on both row updates: gathered rows, and the fused kernel on row views."""
+    if request.param == "views" and not hasattr(torch, "_fused_adamw_"):
+        pytest.skip("torch._fused_adamw_ needs torch >= 2.4 on the CPU")
+    threshold = 0 if request.param == "views" else 2**62
+    monkeypatch.setattr(hsoftmax.optim, "_MIN_VIEW_NUMEL", threshold)
+    return str(request.param)
+
+
+def _train(
+    head: HierarchicalSoftmax,
+    optimizer: torch.optim.Optimizer,
+    steps: int = 4,
+    generator: torch.Generator | None = None,
+) -> None:
+    generator = generator or torch.Generator().manual_seed(0)
     dense = torch.optim.SGD(split_parameters(head)[0], lr=0.1)
     for _ in range(steps):
         optimizer.zero_grad()
@@ -88,6 +104,21 @@ def test_first_step_with_weight_decay() -> None:
     expected[0] = expected[0] * (1 - lr * decay) - lr * grad[0] / (grad[0].abs() + eps)
     torch.testing.assert_close(head.bottom_weight.detach(), expected)
     assert torch.equal(head.bottom_weight[1:], before.bottom_weight[1:])  # untouched rows stay
+
+
+def test_resumes_from_its_state_dict() -> None:
+    straight, resumed = _head(), _head()
+    _train(straight, SparseRowAdamW(split_parameters(straight)[1], lr=0.05), steps=4)
+    data = torch.Generator().manual_seed(0)
+    optimizer = SparseRowAdamW(split_parameters(resumed)[1], lr=0.05)
+    _train(resumed, optimizer, steps=2, generator=data)
+    saved = copy.deepcopy((resumed.state_dict(), optimizer.state_dict()))
+    _train(resumed, optimizer, steps=1, generator=torch.Generator().manual_seed(9))  # a detour
+    resumed.load_state_dict(saved[0])
+    optimizer.load_state_dict(saved[1])  # new moment tensors: the row views must follow
+    _train(resumed, optimizer, steps=2, generator=data)
+    assert not torch.equal(straight.bottom_weight, _head().bottom_weight)
+    torch.testing.assert_close(straight.bottom_weight, resumed.bottom_weight, rtol=0, atol=0)
 
 
 def test_rejects_dense_gradients_and_bad_options() -> None:
