@@ -15,6 +15,7 @@ its backward builds the rows' gradients by broadcasting. The gradient of ``botto
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,10 +34,31 @@ def _gather(weight: Tensor, bias: Tensor, nodes: Tensor) -> tuple[Tensor, Tensor
     return rows, bias.index_select(0, flat).view(n, 1, m * n_bottom)
 
 
-def _rows_gradient(parameter: Tensor, index: Tensor, rows: Tensor, sparse: bool) -> Tensor:
-    """The gradient of ``parameter`` whose rows ``index`` received ``rows``."""
-    kept = parameter.grad is not None and parameter.grad.layout == torch.strided
-    if sparse or kept:  # autograd adds a sparse gradient into a kept dense .grad in place
+def _summed_rows(rows_of: Callable[[Tensor], Tensor], index: Tensor) -> tuple[Tensor, Tensor]:
+    """The sorted distinct values of ``index`` and, for each, the sum of ``rows_of(positions)``
+    over the positions that hold it. Only repeated positions are computed twice, so no row
+    beyond the distinct ones is materialised when few repeat."""
+    distinct, inverse = torch.unique(index, return_inverse=True)
+    positions = torch.arange(index.numel(), device=index.device)
+    first = torch.full_like(distinct, index.numel()).scatter_reduce_(0, inverse, positions, "amin")
+    repeats = (positions != first[inverse]).nonzero().squeeze(1)
+    summed = rows_of(first).index_add_(0, inverse[repeats], rows_of(repeats))
+    return distinct, summed
+
+
+def _rows_gradient(
+    parameter: Tensor, index: Tensor, rows_of: Callable[[Tensor], Tensor], sparse: bool
+) -> Tensor:
+    """The gradient of ``parameter`` whose rows ``index[j]`` received ``rows_of(j)``."""
+    if sparse:  # coalesced: an optimizer reads each row once, without summing repeats
+        distinct, summed = _summed_rows(rows_of, index)
+        grad = torch.sparse_coo_tensor(
+            distinct.unsqueeze(0), summed, parameter.shape, check_invariants=False
+        )
+        return grad._coalesced_(True)
+    rows = rows_of(torch.arange(index.numel(), device=index.device))
+    if parameter.grad is not None and parameter.grad.layout == torch.strided:
+        # autograd adds a sparse gradient into the kept dense .grad in place
         return torch.sparse_coo_tensor(
             index.unsqueeze(0), rows, parameter.shape, check_invariants=False
         )
@@ -58,25 +80,32 @@ class _NodeLogits(torch.autograd.Function):
         ctx.save_for_backward(hidden, nodes, output[1])
         ctx.weight, ctx.bias, ctx.sparse = weight, bias, sparse
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # else each backward zero-fills a gradient for the rows
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor, _: Tensor | None) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad: Tensor | None, _: Tensor | None) -> tuple[Tensor | None, ...]:
+        if grad is None:
+            return None, None, None, None, None
         hidden, nodes, rows = ctx.saved_tensors
         weight, bias = ctx.weight, ctx.bias
-        n_bottom, width = weight.shape[1:]
-        flat = nodes.reshape(-1)
         n, m = nodes.shape  # explicit sizes: n may be 0
-        grad_rows = grad.reshape(n, 1, m * n_bottom)
+        flat = nodes.reshape(-1)
         grad_hidden = grad_weight = grad_bias = None
         if ctx.needs_input_grad[2]:
-            grad_hidden = torch.bmm(grad_rows.to(rows.dtype), rows).squeeze(1).to(hidden.dtype)
+            grad_rows = grad.reshape(n, 1, -1).to(rows.dtype)
+            grad_hidden = torch.bmm(grad_rows, rows).squeeze(1).to(hidden.dtype)
+        per_node = grad.reshape(n * m, weight.shape[1])  # row j: node flat[j] of sample j // m
+
+        def outer(j: Tensor) -> Tensor:
+            return (per_node[j].unsqueeze(2) * hidden[j // m].unsqueeze(1)).to(weight.dtype)
+
+        def bias_rows(j: Tensor) -> Tensor:
+            return per_node[j].to(bias.dtype)
+
         if ctx.needs_input_grad[0]:
-            outer = (grad_rows.transpose(1, 2) * hidden.unsqueeze(1)).to(weight.dtype)
-            grad_weight = _rows_gradient(weight, flat, outer.view(-1, n_bottom, width), ctx.sparse)
+            grad_weight = _rows_gradient(weight, flat, outer, ctx.sparse)
         if ctx.needs_input_grad[1]:
-            grad_bias = _rows_gradient(
-                bias, flat, grad.reshape(-1, n_bottom).to(bias.dtype), ctx.sparse
-            )
+            grad_bias = _rows_gradient(bias, flat, bias_rows, ctx.sparse)
         return grad_weight, grad_bias, grad_hidden, None, None
 
 
