@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .recycling import recycled_empty
+
 __all__ = ["node_logits", "split_parameters"]
 
 
@@ -30,7 +32,12 @@ def _gather(weight: Tensor, bias: Tensor, nodes: Tensor) -> tuple[Tensor, Tensor
     n, m = nodes.shape
     n_bottom, width = weight.shape[1:]  # explicit sizes: n may be 0
     flat = nodes.reshape(-1)
-    rows = weight.index_select(0, flat).view(n, m * n_bottom, width)
+    if torch.is_grad_enabled():  # the differentiable plain path (compiled graphs): no out=
+        rows = weight.index_select(0, flat)
+    else:
+        rows = recycled_empty(weight, "rows", (n * m, n_bottom, width), weight.dtype)
+        torch.index_select(weight, 0, flat, out=rows)
+    rows = rows.view(n, m * n_bottom, width)
     return rows, bias.index_select(0, flat).view(n, 1, m * n_bottom)
 
 
@@ -62,7 +69,8 @@ def _rows_gradient(
         return torch.sparse_coo_tensor(
             index.unsqueeze(0), rows, parameter.shape, check_invariants=False
         )
-    return rows.new_zeros(parameter.shape).index_add_(0, index, rows)
+    zeros = recycled_empty(parameter, "gradient", parameter.shape, rows.dtype).zero_()
+    return zeros.index_add_(0, index, rows)
 
 
 class _NodeLogits(torch.autograd.Function):
@@ -92,12 +100,13 @@ class _NodeLogits(torch.autograd.Function):
         flat = nodes.reshape(-1)
         grad_hidden = grad_weight = grad_bias = None
         if ctx.needs_input_grad[2]:
-            grad_rows = grad.reshape(n, 1, -1).to(rows.dtype)
+            grad_rows = grad.reshape(n, 1, m * weight.shape[1]).to(rows.dtype)
             grad_hidden = torch.bmm(grad_rows, rows).squeeze(1).to(hidden.dtype)
         per_node = grad.reshape(n * m, weight.shape[1])  # row j: node flat[j] of sample j // m
 
         def outer(j: Tensor) -> Tensor:
-            return (per_node[j].unsqueeze(2) * hidden[j // m].unsqueeze(1)).to(weight.dtype)
+            out = recycled_empty(weight, "outer", (j.numel(), *weight.shape[1:]), weight.dtype)
+            return torch.mul(per_node[j].unsqueeze(2), hidden[j // m].unsqueeze(1), out=out)
 
         def bias_rows(j: Tensor) -> Tensor:
             return per_node[j].to(bias.dtype)

@@ -32,6 +32,8 @@ def _summed_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
     if grad.is_coalesced():
         return index, values
     rows, inverse = torch.unique(index, return_inverse=True)
+    if rows.numel() == index.numel():  # distinct already, as HierarchicalSoftmax makes them
+        return index, values
     summed = values.new_zeros(rows.shape[0], *values.shape[1:]).index_add_(0, inverse, values)
     return rows, summed
 

@@ -1,0 +1,64 @@
+"""Reused work tensors: never while referenced, and training gives the same numbers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hsoftmax import HierarchicalCrossEntropy, HierarchicalSoftmax
+from hsoftmax.recycling import recycled_empty
+
+
+def test_storage_is_reused_only_once_unreferenced() -> None:
+    owner = torch.zeros(3)
+    first = recycled_empty(owner, "work", (4, 5), torch.float32)
+    busy = recycled_empty(owner, "work", (4, 5), torch.float32)
+    assert busy.data_ptr() != first.data_ptr()  # first is still held
+    pointer = first.data_ptr()
+    del first, busy
+    smaller = recycled_empty(owner, "work", (2, 5), torch.float64)
+    assert smaller.data_ptr() == pointer and smaller.shape == (2, 5)
+    assert smaller.dtype == torch.float64 and smaller.is_contiguous()
+    assert recycled_empty(owner, "other", (2, 5), torch.float64).data_ptr() != pointer
+    del smaller
+    assert recycled_empty(owner, "work", (5, 5), torch.float32).data_ptr() != pointer  # too small
+
+
+def _steps(head: HierarchicalSoftmax, steps: int = 3, **backward: bool) -> list[torch.Tensor]:
+    """Dense gradients of ``bottom_weight`` over a few steps, each one kept by the caller."""
+    generator = torch.Generator().manual_seed(0)
+    grads = []
+    for _ in range(steps):
+        head.zero_grad(set_to_none=True)
+        x = torch.randn(9, 6, dtype=torch.float64, generator=generator)
+        y = torch.randint(0, 20, (9,), generator=generator)
+        loss = HierarchicalCrossEntropy()(head(x), y)
+        loss.backward(**backward)
+        if backward:
+            loss.backward()
+        grad = head.bottom_weight.grad
+        assert grad is not None
+        grads.append(grad.to_dense() if grad.is_sparse else grad)
+    return grads
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_kept_gradients_are_never_overwritten(sparse: bool) -> None:
+    torch.manual_seed(0)
+    head = HierarchicalSoftmax(6, 5, 4, 3, dtype=torch.float64, sparse=sparse)
+    kept = _steps(head)
+    copies = [grad.clone() for grad in kept]
+    for grad, copy in zip(kept, copies, strict=True):
+        torch.testing.assert_close(grad, copy, rtol=0, atol=0)
+    head.sparse = not sparse  # the other path gives the same gradients
+    for grad, other in zip(kept, _steps(head), strict=True):
+        torch.testing.assert_close(grad, other)
+
+
+def test_a_retained_graph_keeps_its_gathered_rows() -> None:
+    torch.manual_seed(0)
+    head = HierarchicalSoftmax(6, 5, 4, 3, dtype=torch.float64)
+    once = _steps(head)
+    twice = _steps(head, retain_graph=True)
+    for a, b in zip(once, twice, strict=True):
+        torch.testing.assert_close(b, 2 * a)
