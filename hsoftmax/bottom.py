@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .recycling import recycled_empty
 
@@ -53,17 +54,20 @@ def _summed_rows(rows_of: Callable[[Tensor], Tensor], index: Tensor) -> tuple[Te
     return distinct, summed
 
 
-def _rows_gradient(
-    parameter: Tensor, index: Tensor, rows_of: Callable[[Tensor], Tensor], sparse: bool
+def _sparse_gradient(
+    parameter: Tensor, index: Tensor, rows_of: Callable[[Tensor], Tensor]
 ) -> Tensor:
-    """The gradient of ``parameter`` whose rows ``index[j]`` received ``rows_of(j)``."""
-    if sparse:  # coalesced: an optimizer reads each row once, without summing repeats
-        distinct, summed = _summed_rows(rows_of, index)
-        grad = torch.sparse_coo_tensor(
-            distinct.unsqueeze(0), summed, parameter.shape, check_invariants=False
-        )
-        return grad._coalesced_(True)
-    rows = rows_of(torch.arange(index.numel(), device=index.device))
+    """The sparse gradient of ``parameter`` whose rows ``index[j]`` received ``rows_of(j)``,
+    coalesced, so that an optimizer reads each row once without summing repeats."""
+    distinct, summed = _summed_rows(rows_of, index)
+    grad = torch.sparse_coo_tensor(
+        distinct.unsqueeze(0), summed, parameter.shape, check_invariants=False
+    )
+    return grad._coalesced_(True)
+
+
+def _dense_gradient(parameter: Tensor, index: Tensor, rows: Tensor) -> Tensor:
+    """The gradient of ``parameter`` whose rows ``index[j]`` received ``rows[j]``."""
     if parameter.grad is not None and parameter.grad.layout == torch.strided:
         # autograd adds a sparse gradient into the kept dense .grad in place
         return torch.sparse_coo_tensor(
@@ -85,37 +89,56 @@ class _NodeLogits(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
         weight, bias, hidden, nodes, sparse = inputs
-        ctx.save_for_backward(hidden, nodes, output[1])
-        ctx.weight, ctx.bias, ctx.sparse = weight, bias, sparse
+        ctx.save_for_backward(hidden, nodes)
+        ctx.rows = output[1]  # not in saved_tensors: a dense backward overwrites it
+        ctx.weight, ctx.bias, ctx.sparse, ctx.version = weight, bias, sparse, weight._version
         ctx.mark_non_differentiable(output[1])
         ctx.set_materialize_grads(False)  # else each backward zero-fills a gradient for the rows
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: Tensor | None, _: Tensor | None) -> tuple[Tensor | None, ...]:
         if grad is None:
             return None, None, None, None, None
-        hidden, nodes, rows = ctx.saved_tensors
+        hidden, nodes = ctx.saved_tensors
         weight, bias = ctx.weight, ctx.bias
+        rows = ctx.rows if ctx.rows is not None else _gathered_again(ctx, nodes)
         n, m = nodes.shape  # explicit sizes: n may be 0
+        n_bottom, width = weight.shape[1:]
         flat = nodes.reshape(-1)
+        per_node = grad.reshape(n * m, n_bottom)  # row j: node flat[j] of sample j // m
         grad_hidden = grad_weight = grad_bias = None
         if ctx.needs_input_grad[2]:
-            grad_rows = grad.reshape(n, 1, m * weight.shape[1]).to(rows.dtype)
+            grad_rows = grad.reshape(n, 1, m * n_bottom).to(rows.dtype)
             grad_hidden = torch.bmm(grad_rows, rows).squeeze(1).to(hidden.dtype)
-        per_node = grad.reshape(n * m, weight.shape[1])  # row j: node flat[j] of sample j // m
 
-        def outer(j: Tensor) -> Tensor:
-            out = recycled_empty(weight, "outer", (j.numel(), *weight.shape[1:]), weight.dtype)
+        def outer(j: Tensor, out: Tensor | None = None) -> Tensor:
+            if out is None:
+                out = recycled_empty(weight, "outer", (j.numel(), n_bottom, width), weight.dtype)
             return torch.mul(per_node[j].unsqueeze(2), hidden[j // m].unsqueeze(1), out=out)
 
-        def bias_rows(j: Tensor) -> Tensor:
-            return per_node[j].to(bias.dtype)
-
-        if ctx.needs_input_grad[0]:
-            grad_weight = _rows_gradient(weight, flat, outer, ctx.sparse)
-        if ctx.needs_input_grad[1]:
-            grad_bias = _rows_gradient(bias, flat, bias_rows, ctx.sparse)
+        if ctx.needs_input_grad[0] and ctx.sparse:
+            grad_weight = _sparse_gradient(weight, flat, outer)
+        elif ctx.needs_input_grad[0]:
+            ctx.rows = None  # the gathered rows are done with: they become the rows' gradients
+            positions = torch.arange(n * m, device=flat.device)
+            rows_grad = outer(positions, out=rows.view(n * m, n_bottom, width))
+            grad_weight = _dense_gradient(weight, flat, rows_grad)
+        if ctx.needs_input_grad[1] and ctx.sparse:
+            grad_bias = _sparse_gradient(bias, flat, lambda j: per_node[j].to(bias.dtype))
+        elif ctx.needs_input_grad[1]:
+            grad_bias = _dense_gradient(bias, flat, per_node.to(bias.dtype))
         return grad_weight, grad_bias, grad_hidden, None, None
+
+
+def _gathered_again(ctx: Any, nodes: Tensor) -> Tensor:
+    """The rows for a second backward through a retained graph (the first one reused them)."""
+    if ctx.weight._version != ctx.version:
+        raise RuntimeError(
+            "bottom_weight was modified in place after the forward, so a second backward "
+            "through this retained graph cannot recompute its rows; run the forward again"
+        )
+    return _gather(ctx.weight, ctx.bias, nodes)[0]
 
 
 def node_logits(

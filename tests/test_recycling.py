@@ -62,3 +62,14 @@ def test_a_retained_graph_keeps_its_gathered_rows() -> None:
     twice = _steps(head, retain_graph=True)
     for a, b in zip(once, twice, strict=True):
         torch.testing.assert_close(b, 2 * a)
+
+
+def test_a_second_backward_after_an_in_place_update_fails_clearly() -> None:
+    torch.manual_seed(0)
+    head = HierarchicalSoftmax(6, 5, 4, 3)
+    loss = HierarchicalCrossEntropy()(head(torch.randn(4, 6)), torch.tensor([0, 5, 9, 19]))
+    loss.backward(retain_graph=True)
+    with torch.no_grad():
+        head.bottom_weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place after the forward"):
+        loss.backward()
