@@ -5,14 +5,19 @@ hidden``). :func:`node_logits` computes the logits of chosen nodes from gathered
 vector products (several times faster on the CPU than ``bmm`` of matrix-vector products), and
 its backward builds the rows' gradients by broadcasting. The gradient of ``bottom_weight`` is:
 
-- sparse COO (``sparse_dim=1``, only the touched nodes) with ``sparse=True``, for
-  :class:`torch.optim.SparseAdam` (see :func:`split_parameters`), in the spirit of
-  ``nn.Embedding(sparse=True)``: the whole step then costs ``O(batch)``, not ``O(classes)``;
+- sparse COO (``sparse_dim=1``, one entry per touched node, coalesced) with ``sparse=True``,
+  for :class:`~hsoftmax.SparseRowAdamW` or :class:`torch.optim.SparseAdam` (see
+  :func:`split_parameters`), in the spirit of ``nn.Embedding(sparse=True)``: the whole step then
+  costs ``O(batch)``, not ``O(classes)``;
 - otherwise dense, as for ``index_select``; when the parameter already holds a dense ``.grad``
   (``optimizer.zero_grad(set_to_none=False)``) the rows are added into it in place, which
   spares zero-filling a fresh gradient of the full size every step.
-"""
 
+A dense backward overwrites the gathered rows with their gradients, so that a step holds one
+``batch x n_bottom x hidden`` buffer at a time; a second backward through a retained graph
+gathers the rows again. Large work tensors are reused across steps on the CPU
+(:mod:`hsoftmax.recycling`).
+"""
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -49,6 +49,10 @@ class SparseRowAdamW(torch.optim.Optimizer):
     added after the bias correction as in :class:`torch.optim.AdamW`) with far fewer passes
     over memory: a step costs ``O(rows touched)``.
 
+    On the CPU (torch >= 2.4) rows of at least 1024 elements are updated in place by one call of
+    torch's fused AdamW kernel on views of the touched rows, with no gather or scatter; other
+    rows and devices are gathered, updated with vectorised ops and written back.
+
     Trade-off against dense AdamW: a row's moments do not decay while the row is not used, so a
     rarely used node keeps a stale, larger momentum; weight decay also reaches a row only when
     it is used.

@@ -73,3 +73,11 @@ def test_a_second_backward_after_an_in_place_update_fails_clearly() -> None:
         head.bottom_weight.add_(1.0)
     with pytest.raises(RuntimeError, match="modified in place after the forward"):
         loss.backward()
+
+
+def test_double_backward_through_the_bottom_layers_fails_clearly() -> None:
+    head = HierarchicalSoftmax(6, 5, 4, 3)
+    loss = HierarchicalCrossEntropy()(head(torch.randn(4, 6)), torch.tensor([0, 5, 9, 19]))
+    (grad,) = torch.autograd.grad(loss, head.bottom_weight, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
