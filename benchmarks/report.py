@@ -324,10 +324,89 @@ def summary(tables: dict[str, list[Row]], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclass(frozen=True)
+class Headline:
+    """A row of the README's table: ``method``/``variant`` against ``flat``/``flat_variant``."""
+
+    what: str
+    csv: str
+    question: str
+    method: str
+    variant: str
+    flat_variant: str
+    column: str = "time_ms"  # or peak_rss_warm_mb, peak_rss_mb
+    classes: int | None = None  # None: the preset's main head
+
+
+HEADLINES = (
+    Headline("train step, fused AdamW, fresh gradients (`zero_grad()`)", "train", "train",
+             "hsoftmax", "adamw_fused", "adamw_fused"),
+    Headline("train step, fused AdamW, gradients kept (`zero_grad(set_to_none=False)`)",
+             "train", "train", "hsoftmax", "adamw_fused_keep", "adamw_fused_keep"),
+    Headline("train step, `sparse=True` + `SparseRowAdamW` (flat: fused AdamW)", "train",
+             "train", "hsoftmax_sparse", "sparse", "adamw_fused"),
+    Headline("exact log-probabilities of all classes", "inference", "log_probs", "hsoftmax",
+             "log_probs", "log_probs"),
+    Headline("exact top-5, untrained head (worst case: nothing to prune)", "inference",
+             "topk5", "hsoftmax", "topk5", "topk5"),
+    Headline("exact top-5, head trained 60 steps on structured data", "inference",
+             "topk5_trained", "hsoftmax", "topk5", "topk5"),
+    Headline("peak training memory over an idle process, fused AdamW", "memory",
+             "memory_train", "hsoftmax", "adamw_fused", "adamw_fused", "peak_rss_warm_mb"),
+    Headline("peak training memory over an idle process, `sparse=True`", "memory",
+             "memory_train", "hsoftmax_sparse", "sparse", "adamw_fused", "peak_rss_warm_mb"),
+    Headline("`sparse=True` train step, 1,000,000 classes", "scaling", "train",
+             "hsoftmax_sparse", "sparse", "adamw_fused", classes=1_000_000),
+    Headline("`sparse=True` peak training RSS, 10,000,000 classes", "memory", "sparse_train",
+             "hsoftmax_sparse", "sparse", "adamw_fused", "peak_rss_mb", 10_000_000),
+)
+README_START, README_END = "<!-- headline:start -->", "<!-- headline:end -->"
+TABLES = ("train", "inference", "memory", "scaling")  # the CSVs the headline reads
+
+
+def _find(rows: Sequence[Row], method: str, variant: str, classes: int | None) -> Row:
+    """The row of ``method``/``variant`` at ``classes``, or an empty one."""
+    hit = [r for r in rows if r["method"] == method and r["variant"] == variant
+           and int(r["classes"]) == classes]
+    return hit[0] if hit else {}
+
+
+def headline(tables: dict[str, list[Row]]) -> str:
+    """The README's table of the main results, from one device's CSVs."""
+    unit = {"time_ms": " ms", "peak_rss_warm_mb": " MB", "peak_rss_mb": " MB"}
+    lines = ["| | hierarchical | flat `Linear` | vs flat | vs gather+bmm |",
+             "|---|---|---|---|---|"]
+    for h in HEADLINES:
+        rows = [r for r in tables.get(h.csv, []) if r["question"] == h.question]
+        classes = h.classes or min((int(r["classes"]) for r in rows), default=None)
+        ours = _find(rows, h.method, h.variant, classes)
+        flat = _find(rows, "flat", h.flat_variant, classes)
+        a, b = _f(ours.get(h.column, "")), _f(flat.get(h.column, ""))
+        shown = [f"{_fmt(x.get(h.column, ''))}{unit[h.column]}" if v is not None
+                 else (x.get("skip_reason") or "not measured")
+                 for x, v in ((ours, a), (flat, b))]
+        ratio = f"{b / a:.1f}x" if a and b else ""
+        versus = _f(ours.get("ratio_vs_gather_bmm", "")) if h.column == "time_ms" else None
+        lines.append(f"| {h.what} | {shown[0]} | {shown[1]} | {ratio} | "
+                     f"{f'{versus:.2f}x' if versus else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(readme: Path, text: str) -> bool:
+    """Replace the README's text between the headline markers; whether it changed."""
+    old = readme.read_text()
+    head, rest = old.split(README_START, 1)
+    new = f"{head}{README_START}\n{text}{README_END}{rest.split(README_END, 1)[1]}"
+    readme.write_text(new)
+    return new != old
+
+
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", type=Path, default=HERE / "results")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--readme", default=str(HERE.parent / "README.md"),
+                   help="README whose headline table is rewritten from the CPU CSVs ('' skips)")
     a = p.parse_args(argv)
     written: list[Path] = []
     groups: dict[str, dict[str, list[Row]]] = {}
@@ -352,6 +431,9 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
             path = a.results / f"summary_{suffix}.md"
             path.write_text(summary(tables, suffix))
             written.append(path)
+    readme = Path(a.readme) if a.readme else None
+    if readme and "cpu" in groups and update_readme(readme, headline(groups["cpu"])):
+        written.append(readme)
     for w in written:
         print(f"wrote {w}", file=sys.stderr)
     return written

@@ -142,6 +142,7 @@ def _fuses(parameter: Tensor) -> bool:
     return (
         hasattr(torch, "_fused_adamw_")
         and parameter.device.type == "cpu"
+        and parameter.is_contiguous()
         and math.prod(parameter.shape[1:]) >= _MIN_VIEW_NUMEL
     )
 
@@ -154,10 +155,11 @@ def _update_views(
     if not ids:
         return
     weights, exp_avg, exp_avg_sq = (_pick(v, ids) for v in views)
+    grads = list(values.contiguous().unbind(0))
     steps = [torch.tensor(float(step))] * len(ids)
     beta1, beta2 = group["betas"]
     torch._fused_adamw_(
-        weights, list(values.unbind(0)), exp_avg, exp_avg_sq, [], steps, lr=group["lr"],
+        weights, grads, exp_avg, exp_avg_sq, [], steps, lr=group["lr"],
         beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
         amsgrad=False, maximize=False,
     )

@@ -3,12 +3,13 @@
 Each step of the bottom layers needs tensors of ``batch x n_bottom x hidden`` (the gathered rows,
 their gradients) and, with dense gradients, one of the full size of ``bottom_weight``. With
 glibc's default ``malloc`` such tensors are handed back to the system when freed (those over
-32 MB always are), so every step page-faults them in again: at the PlantCLEF size that took
-about as long as the rest of the step. :func:`recycled_empty` instead returns the storage it
-gave out last time for the same owner and purpose, but only once nothing else references that
-storage: not a graph kept for another backward, not a ``.grad``, not a user's variable. The
-results are therefore the same as with fresh tensors. Other devices, and compiled graphs,
-allocate afresh.
+32 MB always are), so every step page-faults them in again, a large share of a step at the
+PlantCLEF size. :func:`recycled_empty` instead returns the storage it gave out last time for the
+same owner and purpose, but only once nothing else references that storage: not a graph kept
+for another backward, not a ``.grad``, not a user's variable. The results are therefore the
+same as with fresh tensors. Other devices, and compiled graphs, allocate afresh. The cache
+holds at most one storage per owner and purpose, and lets go of it with the owner or with
+:func:`release`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["recycled_empty"]
+__all__ = ["recycled_empty", "release"]
 
 _storages = WeakIdKeyDictionary()  # owner -> {purpose: UntypedStorage}, dropped with the owner
 _lock = threading.Lock()
@@ -66,3 +67,24 @@ def recycled_empty(owner: Tensor, purpose: str, shape: Sequence[int], dtype: tor
         if storage is None or storage.nbytes() < nbytes:  # a busy one may be free next time
             purposes[purpose] = tensor.untyped_storage()
         return tensor
+
+
+def release(owner: Tensor | None = None) -> None:
+    """Forget the storages kept for ``owner`` (default: for every owner), e.g. to return the
+    memory of a finished training run while its parameters live on for inference.
+
+    Tensors already handed out stay valid: only the cache's references go.
+
+    Example:
+        >>> import torch
+        >>> weight = torch.zeros(4, 3)
+        >>> work = recycled_empty(weight, "rows", (2, 3), torch.float32)
+        >>> release(weight)
+        >>> work.fill_(1.0).sum().item()
+        6.0
+    """
+    with _lock:
+        if owner is None:
+            _storages.clear()
+        else:
+            _storages.pop(owner, None)

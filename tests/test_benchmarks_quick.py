@@ -58,3 +58,14 @@ def test_worker_process_reports_time_and_peak_memory() -> None:
     assert not result.get("error"), result
     assert result["verified"] is True
     assert result["times"] and result["peak_rss_kb"] > 0
+
+
+def test_readme_headline_is_the_committed_cpu_results() -> None:
+    """The README's table is what ``report.py`` makes of the committed CSVs, not typed."""
+    report = pytest.importorskip("report")
+    results = BENCH / "results"
+    tables = {k: harness.read_csv(results / f"{k}_cpu.csv") for k in report.TABLES}
+    readme = (BENCH.parent / "README.md").read_text()
+    between = readme.split(report.README_START, 1)[1].split(report.README_END, 1)[0]
+    assert between.strip() == report.headline(tables).strip()
+    assert "x |" in between  # some ratios were measured

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hsoftmax import HierarchicalCrossEntropy, HierarchicalSoftmax
-from hsoftmax.recycling import recycled_empty
+from hsoftmax import HierarchicalCrossEntropy, HierarchicalSoftmax, recycling
+from hsoftmax.recycling import recycled_empty, release
 
 
 def test_storage_is_reused_only_once_unreferenced() -> None:
@@ -22,6 +22,16 @@ def test_storage_is_reused_only_once_unreferenced() -> None:
     assert recycled_empty(owner, "other", (2, 5), torch.float64).data_ptr() != pointer
     del smaller
     assert recycled_empty(owner, "work", (5, 5), torch.float32).data_ptr() != pointer  # too small
+
+
+def test_release_forgets_an_owner_or_every_owner() -> None:
+    a, b = torch.zeros(2), torch.zeros(2)
+    for owner in (a, b):
+        recycled_empty(owner, "work", (3,), torch.float32)
+    release(a)
+    assert a not in recycling._storages and b in recycling._storages
+    release()
+    assert b not in recycling._storages
 
 
 def _steps(head: HierarchicalSoftmax, steps: int = 3, **backward: bool) -> list[torch.Tensor]:
@@ -81,3 +91,17 @@ def test_double_backward_through_the_bottom_layers_fails_clearly() -> None:
     (grad,) = torch.autograd.grad(loss, head.bottom_weight, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         grad.sum().backward()
+
+
+def test_inference_mode_buffers_serve_training_afterwards() -> None:
+    torch.manual_seed(0)
+    head = HierarchicalSoftmax(6, 5, 4, 3, dtype=torch.float64)
+    x, y = torch.randn(4, 6, dtype=torch.float64), torch.tensor([0, 5, 9, 19])
+    expected = torch.autograd.grad(HierarchicalCrossEntropy()(head(x), y), head.bottom_weight)
+    with torch.inference_mode():  # the buffers are made here, as inference tensors
+        head.topk(x, 3)
+        HierarchicalCrossEntropy()(head(x), y)
+    for _ in range(2):
+        head.zero_grad(set_to_none=True)
+        HierarchicalCrossEntropy()(head(x), y).backward()
+        torch.testing.assert_close(head.bottom_weight.grad, expected[0])
