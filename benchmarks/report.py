@@ -351,9 +351,9 @@ HEADLINES = (
              "topk5", "hsoftmax", "topk5", "topk5"),
     Headline("exact top-5, head trained 60 steps on structured data", "inference",
              "topk5_trained", "hsoftmax", "topk5", "topk5"),
-    Headline("peak training memory over an idle process, fused AdamW", "memory",
+    Headline("peak training RSS above a warm idle worker, fused AdamW", "memory",
              "memory_train", "hsoftmax", "adamw_fused", "adamw_fused", "peak_rss_warm_mb"),
-    Headline("peak training memory over an idle process, `sparse=True`", "memory",
+    Headline("peak training RSS above a warm idle worker, `sparse=True`", "memory",
              "memory_train", "hsoftmax_sparse", "sparse", "adamw_fused", "peak_rss_warm_mb"),
     Headline("`sparse=True` train step, 1,000,000 classes", "scaling", "train",
              "hsoftmax_sparse", "sparse", "adamw_fused", classes=1_000_000),
@@ -374,7 +374,7 @@ def _find(rows: Sequence[Row], method: str, variant: str, classes: int | None) -
 def headline(tables: dict[str, list[Row]]) -> str:
     """The README's table of the main results, from one device's CSVs."""
     unit = {"time_ms": " ms", "peak_rss_warm_mb": " MB", "peak_rss_mb": " MB"}
-    lines = ["| | hierarchical | flat `Linear` | vs flat | vs gather+bmm |",
+    lines = ["| | hierarchical | flat `Linear(1792, C)` | vs flat | vs gather+bmm |",
              "|---|---|---|---|---|"]
     for h in HEADLINES:
         rows = [r for r in tables.get(h.csv, []) if r["question"] == h.question]
