@@ -21,7 +21,7 @@ gathers the rows again. Large work tensors are reused across steps on the CPU
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -47,26 +47,35 @@ def _gather(weight: Tensor, bias: Tensor, nodes: Tensor) -> tuple[Tensor, Tensor
     return rows, bias.index_select(0, flat).view(n, 1, m * n_bottom)
 
 
-def _summed_rows(rows_of: Callable[[Tensor], Tensor], index: Tensor) -> tuple[Tensor, Tensor]:
-    """The sorted distinct values of ``index`` and, for each, the sum of ``rows_of(positions)``
-    over the positions that hold it. Only repeated positions are computed twice, so no row
-    beyond the distinct ones is materialised when few repeat."""
-    distinct, inverse = torch.unique(index, return_inverse=True)
+class _Distinct(NamedTuple):
+    """Where the distinct values of an index sit: ``values`` sorted, the ``first`` position of
+    each, each position's value number (``inverse``) and the positions that repeat a value."""
+
+    values: Tensor
+    first: Tensor
+    inverse: Tensor
+    repeats: Tensor
+
+
+def _distinct(index: Tensor) -> _Distinct:
+    """Where the distinct values of the 1-d ``index`` sit."""
+    values, inverse = torch.unique(index, return_inverse=True)
     positions = torch.arange(index.numel(), device=index.device)
-    first = torch.full_like(distinct, index.numel()).scatter_reduce_(0, inverse, positions, "amin")
+    first = torch.full_like(values, index.numel()).scatter_reduce_(0, inverse, positions, "amin")
     repeats = (positions != first[inverse]).nonzero().squeeze(1)
-    summed = rows_of(first).index_add_(0, inverse[repeats], rows_of(repeats))
-    return distinct, summed
+    return _Distinct(values, first, inverse, repeats)
 
 
 def _sparse_gradient(
-    parameter: Tensor, index: Tensor, rows_of: Callable[[Tensor], Tensor]
+    parameter: Tensor, where: _Distinct, rows_of: Callable[[Tensor], Tensor]
 ) -> Tensor:
-    """The sparse gradient of ``parameter`` whose rows ``index[j]`` received ``rows_of(j)``,
-    coalesced, so that an optimizer reads each row once without summing repeats."""
-    distinct, summed = _summed_rows(rows_of, index)
+    """The sparse gradient of ``parameter`` when position ``j`` of the index that ``where``
+    describes received ``rows_of(j)``. It comes coalesced, so that an optimizer reads each row
+    once; only the repeated positions are computed apart from the distinct ones."""
+    repeated = where.inverse[where.repeats]
+    summed = rows_of(where.first).index_add_(0, repeated, rows_of(where.repeats))
     grad = torch.sparse_coo_tensor(
-        distinct.unsqueeze(0), summed, parameter.shape, check_invariants=False
+        where.values.unsqueeze(0), summed, parameter.shape, check_invariants=False
     )
     return grad._coalesced_(True)
 
@@ -122,15 +131,16 @@ class _NodeLogits(torch.autograd.Function):
                 out = recycled_empty(weight, "outer", (j.numel(), n_bottom, width), weight.dtype)
             return torch.mul(per_node[j].unsqueeze(2), hidden[j // m].unsqueeze(1), out=out)
 
-        if ctx.needs_input_grad[0] and ctx.sparse:
-            grad_weight = _sparse_gradient(weight, flat, outer)
+        where = _distinct(flat) if ctx.sparse else None
+        if ctx.needs_input_grad[0] and where is not None:
+            grad_weight = _sparse_gradient(weight, where, outer)
         elif ctx.needs_input_grad[0]:
             ctx.rows = None  # the gathered rows are done with: they become the rows' gradients
             positions = torch.arange(n * m, device=flat.device)
             rows_grad = outer(positions, out=rows.view(n * m, n_bottom, width))
             grad_weight = _dense_gradient(weight, flat, rows_grad)
-        if ctx.needs_input_grad[1] and ctx.sparse:
-            grad_bias = _sparse_gradient(bias, flat, lambda j: per_node[j].to(bias.dtype))
+        if ctx.needs_input_grad[1] and where is not None:
+            grad_bias = _sparse_gradient(bias, where, lambda j: per_node[j].to(bias.dtype))
         elif ctx.needs_input_grad[1]:
             grad_bias = _dense_gradient(bias, flat, per_node.to(bias.dtype))
         return grad_weight, grad_bias, grad_hidden, None, None
