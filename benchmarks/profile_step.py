@@ -4,8 +4,8 @@
     python benchmarks/profile_step.py --method hsoftmax_sparse --question train --variant sparse
     python benchmarks/profile_step.py --method hsoftmax --question topk5
 
-Builds the method at the preset's head size (full: PlantCLEF), warms up, profiles ``--steps``
-calls, and writes the operator table (sorted by self CPU time) to
+Builds the method at the preset's head size (full: PlantCLEF), warms up, counts the minor page
+faults of ``--steps`` calls, profiles ``--steps`` more, and writes both to
 ``results/profile_<method>_<question>[_<variant>]_<device>.txt`` (``results/tmp`` for other
 presets) and stdout. Run it alone: a profile on a busy machine is noise.
 """
@@ -13,6 +13,7 @@ presets) and stdout. Run it alone: a profile on a busy machine is noise.
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,6 +71,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
     for _ in range(3):
         fn()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(a.steps):
+        fn()
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / a.steps
     activities = [ProfilerActivity.CPU]
     if a.device == "cuda":
         activities.append(ProfilerActivity.CUDA)
@@ -83,7 +88,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     header = (f"# {a.method} {a.question} ({variant}), classes={shape.classes:,}, "
               f"batch={shape.batch}, {a.steps} calls, {a.threads} threads\n"
               f"# {env['device_name']}, torch {env['torch']}, commit {env['commit']}, "
-              f"{env['date']}\n")
+              f"{env['date']}\n"
+              f"# minor page faults per call (outside the profiler): {faults:,.0f}\n")
     text = header + prof.key_averages().table(sort_by=sort, row_limit=a.rows)
     folder = HERE / "results" if a.preset == "full" else HERE / "results" / "tmp"
     suffix = f"_{variant}" if a.question == "train" else ""
