@@ -1,0 +1,53 @@
+"""``node_logits``: values and gradients equal plain autograd, for every gradient layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hsoftmax.bottom import node_logits
+
+
+def _inputs(m: int) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(m)
+    weight = torch.randn(5, 3, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    bias = torch.randn(5, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+    hidden = torch.randn(6, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    nodes = torch.tensor([[1, 3], [3, 3], [0, 1], [4, 4], [1, 2], [3, 0]])[:, :m]  # repeats
+    return weight, bias, hidden, nodes
+
+
+def _plain(
+    weight: torch.Tensor, bias: torch.Tensor, hidden: torch.Tensor, nodes: torch.Tensor
+) -> torch.Tensor:
+    return torch.einsum("nmsd,nd->nms", weight[nodes], hidden) + bias[nodes]
+
+
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("layout", ["dense", "kept", "sparse"])
+def test_values_and_gradients_equal_plain_autograd(m: int, layout: str) -> None:
+    weight, bias, hidden, nodes = _inputs(m)
+    upstream = torch.randn(6, m, 3, dtype=torch.float64)
+    _plain(weight, bias, hidden, nodes).backward(upstream)
+    expected = [t.grad.clone() for t in (weight, bias, hidden)]  # type: ignore[union-attr]
+    for t in (weight, bias, hidden):
+        t.grad = torch.ones_like(t) if layout == "kept" else None
+    logits = node_logits(weight, bias, hidden, nodes, sparse=layout == "sparse")
+    torch.testing.assert_close(logits, _plain(weight, bias, hidden, nodes))
+    logits.backward(upstream)
+    for t, grad in zip((weight, bias, hidden), expected, strict=True):
+        assert t.grad is not None
+        got = t.grad.to_dense() if t.grad.is_sparse else t.grad
+        if layout == "kept":
+            got = got - 1  # the kept gradient started at ones
+        assert t.grad.is_sparse == (layout == "sparse" and t is not hidden)
+        torch.testing.assert_close(got, grad)
+
+
+def test_sparse_gradients_are_coalesced_with_one_entry_per_node() -> None:
+    weight, bias, hidden, nodes = _inputs(2)
+    node_logits(weight, bias, hidden, nodes, sparse=True).sum().backward()
+    assert weight.grad is not None  # autograd keeps the indices but drops the coalesced flag
+    distinct = sorted(set(nodes.flatten().tolist()))
+    assert weight.grad._indices().tolist() == [distinct]
+    assert weight.grad._values().shape == (len(distinct), 3, 4)
