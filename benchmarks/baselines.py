@@ -153,10 +153,8 @@ class FlatBottleneck(Flat):
 
     name = "flat_bottleneck"
     notes = {  # noqa: RUF012
+        **Flat.notes,
         "train": "Linear(in, hidden) -> ReLU -> Linear(hidden, C) + F.cross_entropy",
-        "log_probs": "log_softmax of all logits",
-        "topk": "logits.topk(k) - logsumexp (exact)",
-        "predict": "argmax of logits (exact)",
     }
 
     def __init__(self, shape: HeadShape, device: Any = None, dtype: Any = None) -> None:

@@ -261,6 +261,13 @@ TARGETS = (
 )
 
 
+def _find(rows: Sequence[Row], method: str, variant: str, classes: int | None) -> Row:
+    """The row of ``method``/``variant`` at ``classes``, or an empty one."""
+    hit = [r for r in rows if r["method"] == method and r["variant"] == variant
+           and int(r["classes"]) == classes]
+    return hit[0] if hit else {}
+
+
 def summary(tables: dict[str, list[Row]], title: str) -> str:
     """The targets of issue 3 against the measured values."""
     first = next((rs[0] for rs in tables.values() if rs), None)
@@ -285,9 +292,8 @@ def summary(tables: dict[str, list[Row]], title: str) -> str:
             mains = [r for r in rows if r["question"] == t.question and r["method"] == "flat"]
             main = int(mains[0]["classes"]) if mains else None
         classes = t.classes or main
-        hit = [r for r in rows if r["question"] == t.question and r["method"] == t.method
-               and r["variant"] == t.variant and classes is not None
-               and int(r["classes"]) == classes]
+        hit = _find([r for r in rows if r["question"] == t.question], t.method, t.variant,
+                    classes)
         required = f"{'>=' if t.at_least else '<='} {t.bound:g}"
         if t.column.startswith("ratio"):
             required += "x"
@@ -295,7 +301,7 @@ def summary(tables: dict[str, list[Row]], title: str) -> str:
             lines.append(f"| {t.what} | `{t.method}` | not measured | {required} | - | "
                          f"{t.csv} |")
             continue
-        r = hit[0]
+        r = hit
         column = t.column
         if r["device"] == "cuda" and column == "peak_rss_mb":
             column = "peak_cuda_mb"
@@ -362,13 +368,6 @@ HEADLINES = (
 )
 README_START, README_END = "<!-- headline:start -->", "<!-- headline:end -->"
 TABLES = ("train", "inference", "memory", "scaling")  # the CSVs the headline reads
-
-
-def _find(rows: Sequence[Row], method: str, variant: str, classes: int | None) -> Row:
-    """The row of ``method``/``variant`` at ``classes``, or an empty one."""
-    hit = [r for r in rows if r["method"] == method and r["variant"] == variant
-           and int(r["classes"]) == classes]
-    return hit[0] if hit else {}
 
 
 def headline(tables: dict[str, list[Row]]) -> str:

@@ -121,23 +121,24 @@ class _NodeLogits(torch.autograd.Function):
         n_bottom, width = weight.shape[1:]
         flat = nodes.reshape(-1)
         per_node = grad.reshape(n * m, n_bottom)  # row j: node flat[j] of sample j // m
+        # row j: the hidden vector of sample j // m (a view when m == 1)
+        hidden_rows = hidden.unsqueeze(1).expand(n, m, width).reshape(n * m, width)
         grad_hidden = grad_weight = grad_bias = None
         if ctx.needs_input_grad[2]:
             grad_rows = grad.reshape(n, 1, m * n_bottom).to(rows.dtype)
             grad_hidden = torch.bmm(grad_rows, rows).squeeze(1).to(hidden.dtype)
 
-        def outer(j: Tensor, out: Tensor | None = None) -> Tensor:
-            if out is None:
-                out = recycled_empty(weight, "outer", (j.numel(), n_bottom, width), weight.dtype)
-            return torch.mul(per_node[j].unsqueeze(2), hidden[j // m].unsqueeze(1), out=out)
+        def outer(j: Tensor) -> Tensor:
+            out = recycled_empty(weight, "outer", (j.numel(), n_bottom, width), weight.dtype)
+            return torch.mul(per_node[j].unsqueeze(2), hidden_rows[j].unsqueeze(1), out=out)
 
         where = _distinct(flat) if ctx.sparse else None
         if ctx.needs_input_grad[0] and where is not None:
             grad_weight = _sparse_gradient(weight, where, outer)
         elif ctx.needs_input_grad[0]:
             ctx.rows = None  # the gathered rows are done with: they become the rows' gradients
-            positions = torch.arange(n * m, device=flat.device)
-            rows_grad = outer(positions, out=rows.view(n * m, n_bottom, width))
+            rows_grad = rows.view(n * m, n_bottom, width)
+            torch.mul(per_node.unsqueeze(2), hidden_rows.unsqueeze(1), out=rows_grad)
             grad_weight = _dense_gradient(weight, flat, rows_grad)
         if ctx.needs_input_grad[1] and where is not None:
             grad_bias = _sparse_gradient(bias, where, lambda j: per_node[j].to(bias.dtype))

@@ -16,6 +16,7 @@ __all__ = ["SparseRowAdamW"]
 #: Rows of at least this many elements are updated in place, as views, by one call of the fused
 #: AdamW kernel (CPU, torch >= 2.4); smaller rows are cheaper to gather, update and scatter.
 _MIN_VIEW_NUMEL = 1024
+_FUSED_ON_CPU = torch.__version__ >= (2, 4)  # type: ignore[operator]  # the kernel's CPU version
 
 _Views = tuple[tuple[Tensor, ...], ...]  # per-row views of (parameter, exp_avg, exp_avg_sq)
 
@@ -140,7 +141,7 @@ class SparseRowAdamW(torch.optim.Optimizer):
 def _fuses(parameter: Tensor) -> bool:
     """Whether the rows of ``parameter`` are updated in place by the fused kernel."""
     return (
-        torch.__version__ >= (2, 4)  # type: ignore[operator]  # the fused kernel's CPU version
+        _FUSED_ON_CPU
         and parameter.device.type == "cpu"
         and parameter.is_contiguous()
         and math.prod(parameter.shape[1:]) >= _MIN_VIEW_NUMEL

@@ -25,6 +25,7 @@ __all__ = ["recycled_empty", "release"]
 
 _storages = WeakIdKeyDictionary()  # owner -> {purpose: UntypedStorage}, dropped with the owner
 _lock = threading.Lock()
+_COUNTS_USES = hasattr(torch._C, "_storage_Use_Count")  # without it, nothing is reused
 
 
 def _unreferenced(storage: torch.UntypedStorage) -> bool:
@@ -51,11 +52,7 @@ def recycled_empty(owner: Tensor, purpose: str, shape: Sequence[int], dtype: tor
         >>> recycled_empty(weight, "rows", (2, 3), torch.float32).data_ptr() == pointer
         True
     """
-    if (
-        owner.device.type != "cpu"
-        or torch.compiler.is_compiling()
-        or not hasattr(torch._C, "_storage_Use_Count")
-    ):
+    if not _COUNTS_USES or owner.device.type != "cpu" or torch.compiler.is_compiling():
         return torch.empty(shape, dtype=dtype, device=owner.device)
     nbytes = dtype.itemsize * int(torch.Size(shape).numel())
     with _lock:
