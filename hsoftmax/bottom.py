@@ -1,9 +1,11 @@
 """The bottom layers' per-node products, with gradients that cost only the nodes a batch uses.
 
 A training step touches at most ``batch`` nodes of ``bottom_weight`` (``n_top x n_bottom x
-hidden``). :func:`node_logits` computes the logits of chosen nodes from gathered rows, as row
-vector products (several times faster on the CPU than ``bmm`` of matrix-vector products), and
-its backward builds the rows' gradients by broadcasting. The gradient of ``bottom_weight`` is:
+hidden``). :func:`node_logits` takes each sample's dot products with its nodes' rows where they
+lie, with no gathered copy (the per-sample dot-product kernel of ``embedding_bag``). Its backward
+reads the rows in place once more for the hidden vectors' gradient (``embedding_bag`` with
+per-sample weights) and builds the rows' gradients by broadcasting. The gradient of
+``bottom_weight`` is:
 
 - sparse COO (``sparse_dim=1``, one entry per touched node, coalesced) with ``sparse=True``,
   for :class:`~hsoftmax.SparseRowAdamW` or :class:`torch.optim.SparseAdam` (see
@@ -13,10 +15,10 @@ its backward builds the rows' gradients by broadcasting. The gradient of ``botto
   (``optimizer.zero_grad(set_to_none=False)``) the rows are added into it in place, which
   spares zero-filling a fresh gradient of the full size every step.
 
-A dense backward overwrites the gathered rows with their gradients, so that a step holds one
-``batch x n_bottom x hidden`` buffer at a time; a second backward through a retained graph
-gathers the rows again. Large work tensors are reused across steps on the CPU
-(:mod:`hsoftmax.recycling`).
+In half precision and under autocast, and in compiled, traced or exported graphs, the rows are
+gathered and multiplied by ``baddbmm`` under plain autograd instead: every path of the head then
+rounds alike, and every op has a derivative and an export rule. Large work tensors are reused
+across steps on the CPU (:mod:`hsoftmax.recycling`).
 """
 from __future__ import annotations
 
@@ -26,25 +28,68 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+from torch.nn import functional as F
 
 from .recycling import recycled_empty
 
 __all__ = ["node_logits", "split_parameters"]
 
 
-def _gather(weight: Tensor, bias: Tensor, nodes: Tensor) -> tuple[Tensor, Tensor]:
-    """Rows of ``nodes`` ``(N, m)``: weights ``(N, m * n_bottom, hidden)``, biases
-    ``(N, 1, m * n_bottom)``."""
+_FULL_PRECISION = (torch.float32, torch.float64)
+#: ``out[i] = grad[bag[i]] . weight[index[i]]``: a private aten op (embedding_bag's gradient for
+#: per-sample weights), so looked up once, with the gathered product as the fallback.
+_PER_SAMPLE_DOTS = getattr(torch.ops.aten, "_embedding_bag_per_sample_weights_backward", None)
+
+
+def _eager() -> bool:
+    """Whether ops without a derivative or export rule may run (not compiling, not tracing)."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+
+
+def _gathered_logits(weight: Tensor, bias: Tensor, hidden: Tensor, nodes: Tensor) -> Tensor:
+    """Differentiable and traceable: gather the rows, then ``baddbmm``. ``(N, m, n_bottom)``."""
     n, m = nodes.shape
     n_bottom, width = weight.shape[1:]  # explicit sizes: n may be 0
     flat = nodes.reshape(-1)
-    if torch.is_grad_enabled():  # the differentiable plain path (compiled graphs): no out=
-        rows = weight.index_select(0, flat)
-    else:
-        rows = recycled_empty(weight, "rows", (n * m, n_bottom, width), weight.dtype)
-        torch.index_select(weight, 0, flat, out=rows)
-    rows = rows.view(n, m * n_bottom, width)
-    return rows, bias.index_select(0, flat).view(n, 1, m * n_bottom)
+    rows = weight.index_select(0, flat).view(n, m * n_bottom, width)
+    row_bias = bias.index_select(0, flat).view(n, 1, m * n_bottom)
+    return torch.baddbmm(row_bias, hidden.unsqueeze(1), rows.transpose(1, 2)).view(n, m, n_bottom)
+
+
+class _Slots(NamedTuple):
+    """The ``rows`` of ``weight.view(-1, hidden)`` that the chosen nodes hold, ``m * n_bottom``
+    per sample, the ``sample`` of each and each sample's first position (``offsets``), in the
+    form ``embedding_bag`` takes."""
+
+    rows: Tensor
+    sample: Tensor
+    offsets: Tensor
+
+
+def _slots(nodes: Tensor, n_bottom: int) -> _Slots:
+    n, m = nodes.shape
+    slot = torch.arange(n_bottom, device=nodes.device)
+    rows = (nodes.unsqueeze(-1) * n_bottom + slot).reshape(-1)
+    samples = torch.arange(n, device=nodes.device)
+    return _Slots(rows, samples.repeat_interleave(m * n_bottom), samples * (m * n_bottom))
+
+
+def _dot_logits(
+    weight: Tensor, bias: Tensor, hidden: Tensor, nodes: Tensor, slots: _Slots
+) -> Tensor:
+    """Each sample's dot products with its nodes' rows, read in place: no gathered copy.
+    In half precision or under autocast, the gathered product, rounded as every other path of
+    the head rounds it."""
+    low_precision = weight.dtype not in _FULL_PRECISION
+    if low_precision or _PER_SAMPLE_DOTS is None or torch.is_autocast_enabled(hidden.device.type):
+        return _gathered_logits(weight, bias, hidden, nodes)
+    n, m = nodes.shape
+    n_bottom, width = weight.shape[1:]
+    dots = _PER_SAMPLE_DOTS(
+        hidden.to(weight.dtype), weight.view(-1, width), slots.rows, slots.offsets,
+        slots.sample, 0, -1,  # mode 0: sum; no padding index
+    ).view(n, m, n_bottom)
+    return dots.add_(bias.index_select(0, nodes.reshape(-1)).view(n, m, n_bottom))
 
 
 class _Distinct(NamedTuple):
@@ -67,13 +112,13 @@ def _distinct(index: Tensor) -> _Distinct:
 
 
 def _sparse_gradient(
-    parameter: Tensor, where: _Distinct, rows_of: Callable[[Tensor], Tensor]
+    parameter: Tensor, where: _Distinct, rows_of: Callable[[Tensor, str], Tensor]
 ) -> Tensor:
     """The sparse gradient of ``parameter`` when position ``j`` of the index that ``where``
-    describes received ``rows_of(j)``. It comes coalesced, so that an optimizer reads each row
-    once; only the repeated positions are computed apart from the distinct ones."""
-    repeated = where.inverse[where.repeats]
-    summed = rows_of(where.first).index_add_(0, repeated, rows_of(where.repeats))
+    describes received ``rows_of(j, purpose)``. It comes coalesced, so that an optimizer reads
+    each row once; only the repeated positions are computed apart from the distinct ones."""
+    repeats = rows_of(where.repeats, "repeats")
+    summed = rows_of(where.first, "rows").index_add_(0, where.inverse[where.repeats], repeats)
     grad = torch.sparse_coo_tensor(
         where.values.unsqueeze(0), summed, parameter.shape, check_invariants=False
     )
@@ -94,29 +139,21 @@ def _dense_gradient(parameter: Tensor, index: Tensor, rows: Tensor) -> Tensor:
 class _NodeLogits(torch.autograd.Function):
     @staticmethod
     def forward(
-        weight: Tensor, bias: Tensor, hidden: Tensor, nodes: Tensor, sparse: bool
-    ) -> tuple[Tensor, Tensor]:
-        rows, row_bias = _gather(weight, bias, nodes)
-        logits = torch.baddbmm(row_bias, hidden.unsqueeze(1), rows.transpose(1, 2))
-        return logits.view(*nodes.shape, weight.shape[1]), rows
+        weight: Tensor, bias: Tensor, hidden: Tensor, nodes: Tensor, slots: _Slots, sparse: bool
+    ) -> Tensor:
+        return _dot_logits(weight, bias, hidden, nodes, slots)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-        weight, bias, hidden, nodes, sparse = inputs
-        ctx.save_for_backward(hidden, nodes)
-        ctx.rows = output[1]  # not in saved_tensors: a dense backward overwrites it
-        ctx.weight, ctx.bias, ctx.sparse, ctx.version = weight, bias, sparse, weight._version
-        ctx.mark_non_differentiable(output[1])
-        ctx.set_materialize_grads(False)  # else each backward zero-fills a gradient for the rows
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        weight, bias, hidden, nodes, slots, sparse = inputs
+        ctx.save_for_backward(weight, hidden, nodes)  # weight: autograd checks its version
+        ctx.slots, ctx.bias, ctx.sparse = slots, bias, sparse  # bias: only its .grad is read
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: Tensor | None, _: Tensor | None) -> tuple[Tensor | None, ...]:
-        if grad is None:
-            return None, None, None, None, None
-        hidden, nodes = ctx.saved_tensors
-        weight, bias = ctx.weight, ctx.bias
-        rows = ctx.rows if ctx.rows is not None else _gathered_again(ctx, nodes)
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        weight, hidden, nodes = ctx.saved_tensors
+        bias, slots = ctx.bias, ctx.slots
         n, m = nodes.shape  # explicit sizes: n may be 0
         n_bottom, width = weight.shape[1:]
         flat = nodes.reshape(-1)
@@ -124,37 +161,28 @@ class _NodeLogits(torch.autograd.Function):
         # row j: the hidden vector of sample j // m (a view when m == 1)
         hidden_rows = hidden.unsqueeze(1).expand(n, m, width).reshape(n * m, width)
         grad_hidden = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[2]:
-            grad_rows = grad.reshape(n, 1, m * n_bottom).to(rows.dtype)
-            grad_hidden = torch.bmm(grad_rows, rows).squeeze(1).to(hidden.dtype)
+        if ctx.needs_input_grad[2]:  # sum over slots of grad * row, the rows read in place
+            grad_hidden = F.embedding_bag(
+                slots.rows, weight.view(-1, width), slots.offsets, mode="sum",
+                per_sample_weights=grad.reshape(-1).to(weight.dtype),
+            ).to(hidden.dtype)
 
-        def outer(j: Tensor) -> Tensor:
-            out = recycled_empty(weight, "outer", (j.numel(), n_bottom, width), weight.dtype)
-            return torch.mul(per_node[j].unsqueeze(2), hidden_rows[j].unsqueeze(1), out=out)
+        def outer(j: Tensor | None, purpose: str = "rows") -> Tensor:
+            """The gradients of the rows ``j`` (all when ``None``): ``grad x hidden``."""
+            g, h = (per_node, hidden_rows) if j is None else (per_node[j], hidden_rows[j])
+            out = recycled_empty(weight, purpose, (g.shape[0], n_bottom, width), weight.dtype)
+            return torch.mul(g.unsqueeze(2), h.unsqueeze(1), out=out)
 
         where = _distinct(flat) if ctx.sparse else None
         if ctx.needs_input_grad[0] and where is not None:
             grad_weight = _sparse_gradient(weight, where, outer)
         elif ctx.needs_input_grad[0]:
-            ctx.rows = None  # the gathered rows are done with: they become the rows' gradients
-            rows_grad = rows.view(n * m, n_bottom, width)
-            torch.mul(per_node.unsqueeze(2), hidden_rows.unsqueeze(1), out=rows_grad)
-            grad_weight = _dense_gradient(weight, flat, rows_grad)
+            grad_weight = _dense_gradient(weight, flat, outer(None))
         if ctx.needs_input_grad[1] and where is not None:
-            grad_bias = _sparse_gradient(bias, where, lambda j: per_node[j].to(bias.dtype))
+            grad_bias = _sparse_gradient(bias, where, lambda j, _: per_node[j].to(bias.dtype))
         elif ctx.needs_input_grad[1]:
             grad_bias = _dense_gradient(bias, flat, per_node.to(bias.dtype))
-        return grad_weight, grad_bias, grad_hidden, None, None
-
-
-def _gathered_again(ctx: Any, nodes: Tensor) -> Tensor:
-    """The rows for a second backward through a retained graph (the first one reused them)."""
-    if ctx.weight._version != ctx.version:
-        raise RuntimeError(
-            "bottom_weight was modified in place after the forward, so a second backward "
-            "through this retained graph cannot recompute its rows; run the forward again"
-        )
-    return _gather(ctx.weight, ctx.bias, nodes)[0]
+        return grad_weight, grad_bias, grad_hidden, None, None, None
 
 
 def node_logits(
@@ -184,9 +212,12 @@ def node_logits(
     tracked = torch.is_grad_enabled() and (
         weight.requires_grad or bias.requires_grad or hidden.requires_grad
     )
-    if tracked and not torch.compiler.is_compiling():
-        return _NodeLogits.apply(weight, bias, hidden, nodes, sparse)[0]
-    return _NodeLogits.forward(weight, bias, hidden, nodes, sparse)[0]
+    if not _eager():
+        return _gathered_logits(weight, bias, hidden, nodes)
+    slots = _slots(nodes, weight.shape[1])
+    if tracked:
+        return _NodeLogits.apply(weight, bias, hidden, nodes, slots, sparse)
+    return _dot_logits(weight, bias, hidden, nodes, slots)
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

@@ -30,11 +30,9 @@ def _pick(items: Sequence[Tensor], ids: list[int]) -> list[Tensor]:
 def _summed_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
     """The distinct rows of a sparse COO gradient (``sparse_dim=1``) and their summed values."""
     index, values = grad._indices()[0], grad._values()
-    if grad.is_coalesced():
+    if grad.is_coalesced() or bool((index[1:] > index[:-1]).all()):  # sorted, so distinct
         return index, values
     rows, inverse = torch.unique(index, return_inverse=True)
-    if rows.numel() == index.numel():  # distinct already, as HierarchicalSoftmax makes them
-        return index, values
     summed = values.new_zeros(rows.shape[0], *values.shape[1:]).index_add_(0, inverse, values)
     return rows, summed
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hsoftmax import bottom
 from hsoftmax.bottom import node_logits
 
 
@@ -23,9 +24,17 @@ def _plain(
     return torch.einsum("nmsd,nd->nms", weight[nodes], hidden) + bias[nodes]
 
 
+@pytest.fixture(params=["in place", "gathered"])
+def rows_read(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Rows read in place by the per-sample dot kernel, or gathered (its fallback)."""
+    if request.param == "gathered":
+        monkeypatch.setattr(bottom, "_PER_SAMPLE_DOTS", None)
+    return str(request.param)
+
+
 @pytest.mark.parametrize("m", [1, 2])
 @pytest.mark.parametrize("layout", ["dense", "kept", "sparse"])
-def test_values_and_gradients_equal_plain_autograd(m: int, layout: str) -> None:
+def test_values_and_gradients_equal_plain_autograd(m: int, layout: str, rows_read: str) -> None:
     weight, bias, hidden, nodes = _inputs(m)
     upstream = torch.randn(6, m, 3, dtype=torch.float64)
     _plain(weight, bias, hidden, nodes).backward(upstream)
@@ -42,6 +51,17 @@ def test_values_and_gradients_equal_plain_autograd(m: int, layout: str) -> None:
             got = got - 1  # the kept gradient started at ones
         assert t.grad.is_sparse == (layout == "sparse" and t is not hidden)
         torch.testing.assert_close(got, grad)
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_inference_values_equal_plain(m: int, rows_read: str) -> None:
+    weight, bias, hidden, nodes = _inputs(m)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            node_logits(weight, bias, hidden, nodes), _plain(weight, bias, hidden, nodes)
+        )
+        empty = node_logits(weight, bias, hidden[:0], nodes[:0])
+    assert empty.shape == (0, m, 3)
 
 
 def test_sparse_gradients_are_coalesced_with_one_entry_per_node() -> None:

@@ -68,7 +68,7 @@ def test_kept_gradients_are_never_overwritten(sparse: bool) -> None:
         torch.testing.assert_close(grad, other)
 
 
-def test_a_retained_graph_keeps_its_gathered_rows() -> None:
+def test_a_retained_graph_gives_its_gradients_twice() -> None:
     torch.manual_seed(0)
     head = HierarchicalSoftmax(6, 5, 4, 3, dtype=torch.float64)
     once = _steps(head)
@@ -77,14 +77,14 @@ def test_a_retained_graph_keeps_its_gathered_rows() -> None:
         torch.testing.assert_close(b, 2 * a)
 
 
-def test_a_second_backward_after_an_in_place_update_fails_clearly() -> None:
+def test_a_backward_after_an_in_place_update_fails_clearly() -> None:
     torch.manual_seed(0)
     head = HierarchicalSoftmax(6, 5, 4, 3)
     loss = HierarchicalCrossEntropy()(head(torch.randn(4, 6)), torch.tensor([0, 5, 9, 19]))
     loss.backward(retain_graph=True)
-    with torch.no_grad():
+    with torch.no_grad():  # the backward reads bottom_weight: its gradient would be stale
         head.bottom_weight.add_(1.0)
-    with pytest.raises(RuntimeError, match="modified in place after the forward"):
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
 
 
