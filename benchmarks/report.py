@@ -325,8 +325,9 @@ def summary(tables: dict[str, list[Row]], title: str) -> str:
         shown = f"{x:.2f}x" if column.startswith("ratio") else _fmt(str(x))
         if column == "peak_cuda_mb":
             shown += " (CUDA)"
+        source = f"{t.csv}, {r['date'][:10]}, `{r['commit']}`"  # the code that was measured
         lines.append(f"| {t.what} ({int(r['classes']):,} classes) | `{t.method}` | {shown} | "
-                     f"{required} | {'yes' if met else '**no**'} | {t.csv} |")
+                     f"{required} | {'yes' if met else '**no**'} | {source} |")
     return "\n".join(lines) + "\n"
 
 

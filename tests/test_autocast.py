@@ -128,9 +128,12 @@ def test_autocast_inference_is_finite_and_consistent(
     assert torch.isfinite(values).all()
     assert ((indices >= 0) & (indices < NUM_CLASSES)).all()
     assert ((predicted >= 0) & (predicted < NUM_CLASSES)).all()
-    # the exact top-k agrees with the full log-probs computed under the same autocast
-    torch.testing.assert_close(values, log_probs.gather(-1, indices), atol=0.05, rtol=0)
-    torch.testing.assert_close(values, log_probs.topk(5).values, atol=0.05, rtol=0)
+    # the exact top-k agrees with the full log-probs computed under the same autocast, up to a
+    # rounding step of the logits: the two paths round them in different kernels, and at 1e3
+    # times the scale the logits reach the thousands, where a float16 step is 0.5 to 1
+    rtol = 0.0 if scale == 1.0 else 0.02
+    torch.testing.assert_close(values, log_probs.gather(-1, indices), atol=0.05, rtol=rtol)
+    torch.testing.assert_close(values, log_probs.topk(5).values, atol=0.05, rtol=rtol)
 
 
 def test_autocast_gold_path_matches_log_probs(device: torch.device, low: torch.dtype) -> None:
@@ -165,8 +168,11 @@ def test_head_cast_to_bfloat16(device: torch.device, scale: float) -> None:
     assert log_probs.dtype == torch.float32  # half precision inputs give float32 log-probs
     assert torch.isfinite(log_probs).all()
     assert torch.allclose(log_probs.logsumexp(-1), torch.zeros(1, device=device), atol=1e-4)
-    torch.testing.assert_close(values, log_probs.topk(3).values, atol=1e-5, rtol=0)
-    torch.testing.assert_close(values, log_probs.gather(-1, indices), atol=1e-5, rtol=0)
+    # the CPU rounds both paths' bfloat16 logits alike; cuBLAS may round its bmm (top-k) and mm
+    # (full log-probs) one bfloat16 step apart
+    atol = 1e-5 if device.type == "cpu" else 0.02
+    torch.testing.assert_close(values, log_probs.topk(3).values, atol=atol, rtol=0)
+    torch.testing.assert_close(values, log_probs.gather(-1, indices), atol=atol, rtol=0)
     assert ((predicted >= 0) & (predicted < NUM_CLASSES)).all()
 
 

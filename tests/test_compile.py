@@ -10,7 +10,11 @@ generation, to keep the suite fast.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,7 +89,8 @@ def test_training_path_fullgraph_dynamic_batch(device: torch.device) -> None:
     _check_training_path(device, "aot_eager", dynamic=True, batches=[6, 11, 2])
 
 
-def test_compiled_training_path_still_checks_targets(device: torch.device) -> None:
+def _compiled_loss_of_a_bad_target(device: torch.device) -> None:
+    """Compile the loss, then call it with a target out of range (it must fail)."""
     head = _head(device)
     criterion = HierarchicalCrossEntropy()
     compiled = torch.compile(
@@ -94,10 +99,26 @@ def test_compiled_training_path_still_checks_targets(device: torch.device) -> No
     x, y = _batch(device, 4, 0)
     compiled(x, y)
     y[1] = NUM_CLASSES
-    with pytest.raises(RuntimeError, match="expected target in"):
-        compiled(x, y)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    compiled(x, y)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def test_compiled_training_path_still_checks_targets(device: torch.device) -> None:
+    if device.type == "cpu":
+        with pytest.raises(RuntimeError, match="expected target in"):
+            _compiled_loss_of_a_bad_target(device)
+        return
+    # on a GPU the check is a device-side assert, which ends the process's use of the device
+    here = Path(__file__).resolve().parent
+    call = f"_compiled_loss_of_a_bad_target(torch.device({device.type!r}))"
+    code = f"import torch, test_compile; test_compile.{call}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), str(here.parent)])}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode != 0
+    assert "expected target in" in result.stderr, result.stderr[-2000:]
 
 
 @pytest.mark.parametrize("method", ["log_probs", "predict"])
