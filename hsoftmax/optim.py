@@ -14,9 +14,8 @@ __all__ = ["SparseRowAdamW"]
 
 
 #: Rows of at least this many elements are updated in place, as views, by one call of the fused
-#: AdamW kernel (CPU, torch >= 2.4); smaller rows are cheaper to gather, update and scatter.
+#: AdamW kernel on the CPU; smaller rows are cheaper to gather, update and scatter.
 _MIN_VIEW_NUMEL = 1024
-_FUSED_ON_CPU = torch.__version__ >= (2, 4)  # type: ignore[operator]  # the kernel's CPU version
 
 _Views = tuple[tuple[Tensor, ...], ...]  # per-row views of (parameter, exp_avg, exp_avg_sq)
 
@@ -48,7 +47,7 @@ class SparseRowAdamW(torch.optim.Optimizer):
     added after the bias correction as in :class:`torch.optim.AdamW`) with far fewer passes
     over memory: a step costs ``O(rows touched)``.
 
-    On the CPU (torch >= 2.4) rows of at least 1024 elements are updated in place by one call of
+    On the CPU rows of at least 1024 elements are updated in place by one call of
     torch's fused AdamW kernel on views of the touched rows, with no gather or scatter; other
     rows and devices are gathered, updated with vectorised ops and written back.
 
@@ -139,8 +138,7 @@ class SparseRowAdamW(torch.optim.Optimizer):
 def _fuses(parameter: Tensor) -> bool:
     """Whether the rows of ``parameter`` are updated in place by the fused kernel."""
     return (
-        _FUSED_ON_CPU
-        and parameter.device.type == "cpu"
+        parameter.device.type == "cpu"
         and parameter.is_contiguous()
         and math.prod(parameter.shape[1:]) >= _MIN_VIEW_NUMEL
     )

@@ -14,8 +14,6 @@ from hsoftmax import HierarchicalCrossEntropy, HierarchicalSoftmax, SparseRowAda
 @pytest.fixture(autouse=True, params=["gathered", "views"])
 def update_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test runs on both row updates: gathered rows, and the fused kernel on row views."""
-    if request.param == "views" and not torch.__version__ >= (2, 4):  # type: ignore[operator]
-        pytest.skip("torch._fused_adamw_ needs torch >= 2.4 on the CPU")
     threshold = 0 if request.param == "views" else 2**62
     monkeypatch.setattr(hsoftmax.optim, "_MIN_VIEW_NUMEL", threshold)
     return str(request.param)
