@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .bottom import node_logits
+from .bottom import _eager, node_logits
 
 __all__ = [
     "HierarchicalOutput",
@@ -301,19 +301,48 @@ def _mean_valid(values: Tensor, valid: Tensor) -> Tensor:
     return total / valid.sum(-1)
 
 
-def _all_positions_log_probs(out: HierarchicalOutput, hidden: Tensor, top: Tensor) -> Tensor:
-    """``(N, n_top * n_bottom)`` log-probabilities in position order, ``-inf`` where masked,
-    from the hidden vectors and the top log-probabilities."""
-    n_top, n_bottom, width = out.bottom_weight.shape
+def _all_positions_log_probs(
+    out: HierarchicalOutput, hidden: Tensor, top: Tensor, nodes: slice = slice(None)
+) -> Tensor:
+    """``(N, n * n_bottom)`` log-probabilities of the positions of the nodes ``nodes`` (all by
+    default), in position order, ``-inf`` where masked, from the hidden vectors and the top
+    log-probabilities ``(N, n_top)``."""
+    weight, bias = out.bottom_weight[nodes], out.bottom_bias[nodes]
+    n, n_bottom, width = weight.shape
     bottom_logits = F.linear(
-        hidden,
-        out.bottom_weight.reshape(n_top * n_bottom, width),
-        out.bottom_bias.reshape(-1),
-    ).view(-1, n_top, n_bottom)
-    result = _class_log_probs(top, _mask_slots(bottom_logits, out.slot_mask))
-    result = result.view(-1, n_top * n_bottom)
-    if out.slot_mask is not None:
-        result = _masked_fill(result, ~out.slot_mask.view(-1), float("-inf"))
+        hidden, weight.reshape(n * n_bottom, width), bias.reshape(-1)
+    ).view(-1, n, n_bottom)
+    mask = None if out.slot_mask is None else out.slot_mask[nodes]
+    result = _class_log_probs(top[:, nodes], _mask_slots(bottom_logits, mask))
+    result = result.view(-1, n * n_bottom)
+    if mask is not None:
+        result = _masked_fill(result, ~mask.reshape(-1), float("-inf"))
+    return result
+
+
+#: Without autograd, the log-probabilities of all positions are computed for blocks of nodes of
+#: about this many entries each, so that a block stays in cache from the product to the result.
+_DENSE_BLOCK = 2**20
+
+
+def _node_blocks(n_top: int, entries_per_node: int) -> list[slice]:
+    """Consecutive slices of the nodes, of about ``_DENSE_BLOCK`` entries each."""
+    step = max(1, _DENSE_BLOCK // max(1, entries_per_node))
+    return [slice(start, min(start + step, n_top)) for start in range(0, n_top, step)]
+
+
+def _blocked_log_probs(out: HierarchicalOutput, hidden: Tensor, top: Tensor) -> Tensor:
+    """:func:`_all_positions_log_probs`, by blocks of nodes written into one result when
+    autograd does not track it (a few blocks per call, not a loop over nodes)."""
+    if torch.is_grad_enabled() or not _eager():
+        return _all_positions_log_probs(out, hidden, top)
+    n_top, n_bottom = out.bottom_bias.shape
+    blocks = _node_blocks(n_top, hidden.shape[0] * n_bottom)
+    first = _all_positions_log_probs(out, hidden, top, blocks[0])
+    result = first.new_empty(first.shape[0], n_top * n_bottom)
+    for nodes in blocks:
+        block = first if nodes is blocks[0] else _all_positions_log_probs(out, hidden, top, nodes)
+        result[:, nodes.start * n_bottom : nodes.stop * n_bottom] = block
     return result
 
 
@@ -338,7 +367,7 @@ def log_probs(out: HierarchicalOutput) -> Tensor:
         (torch.Size([2, 18]), True)
     """
     hidden, top_logits = _flat(out)
-    positions = _all_positions_log_probs(out, hidden, _log_softmax(top_logits))
+    positions = _blocked_log_probs(out, hidden, _log_softmax(top_logits))
     num_classes = out.num_classes
     if out.slot_classes is not None:
         positions = positions.index_select(1, out.class_slots)
@@ -387,7 +416,7 @@ def _scan_nodes(
     n_top, n_bottom = out.bottom_bias.shape
     rows = hidden.shape[0]
     if _DENSE_SCAN_RATIO * count * rows >= n_top * (_DENSE_SCAN_RATIO + rows):
-        return _all_positions_log_probs(out, hidden, top).topk(k, dim=-1)
+        return _dense_topk(out, hidden, top, k)
     node_lp, nodes = top.topk(min(count, top.shape[-1]), dim=-1)
     logits = _node_bottom_logits(out, hidden, nodes)
     candidates = _class_log_probs(node_lp, logits).flatten(1)
@@ -397,6 +426,22 @@ def _scan_nodes(
     found, where = candidates.topk(k, dim=-1)
     chosen = nodes.gather(1, torch.div(where, n_bottom, rounding_mode="floor"))
     return found, chosen * n_bottom + where % n_bottom
+
+
+def _dense_topk(
+    out: HierarchicalOutput, hidden: Tensor, top: Tensor, k: int
+) -> tuple[Tensor, Tensor]:
+    """Exact top-k log-probabilities and positions among all positions, by blocks of nodes
+    (see :func:`_blocked_log_probs`): the best ``k`` of each block, then the best of those."""
+    n_top, n_bottom = out.bottom_bias.shape
+    values, positions = [], []
+    for nodes in _node_blocks(n_top, hidden.shape[0] * n_bottom):
+        block = _all_positions_log_probs(out, hidden, top, nodes)
+        found, where = block.topk(min(k, block.shape[1]), dim=-1)
+        values.append(found)
+        positions.append(where + nodes.start * n_bottom)
+    best, pick = torch.cat(values, 1).topk(k, dim=-1)
+    return best, torch.cat(positions, 1).gather(1, pick)
 
 
 def _next_power_of_two(counts: Tensor) -> Tensor:

@@ -68,17 +68,35 @@ def test_rows_are_normalised(case: Case) -> None:
     torch.testing.assert_close(lp.exp().sum(-1), torch.ones(case.x.shape[0], dtype=lp.dtype))
 
 
-@pytest.mark.parametrize("dense_ratio", [0, float("inf")], ids=["node-scan", "dense"])
+@pytest.mark.parametrize(
+    "dense_ratio, dense_block",
+    [(0, 2**20), (float("inf"), 2**20), (float("inf"), 1)],
+    ids=["node-scan", "dense", "dense-node-by-node"],
+)
 @given(case=cases())
-def test_exact_topk_equals_brute_force(case: Case, dense_ratio: float) -> None:
+def test_exact_topk_equals_brute_force(case: Case, dense_ratio: float, dense_block: int) -> None:
     lp = case.head.log_probs(case.x)
-    with mock.patch.object(hsoftmax.functional, "_DENSE_SCAN_RATIO", dense_ratio):
+    functional = hsoftmax.functional
+    with mock.patch.object(functional, "_DENSE_SCAN_RATIO", dense_ratio), mock.patch.object(
+        functional, "_DENSE_BLOCK", dense_block
+    ):
         for k in {1, case.head.num_classes // 2, case.head.num_classes}:
             values, indices = case.head.topk(case.x, k)
             expected = lp.topk(k)
             torch.testing.assert_close(values, expected.values)
             torch.testing.assert_close(lp.gather(1, indices), expected.values)  # ties may swap
             assert all(len(set(row)) == k for row in indices.tolist())
+
+
+@pytest.mark.parametrize("dense_block", [1, 2**20], ids=["node-by-node", "one-block"])
+@given(case=cases())
+def test_log_probs_without_autograd_equal_the_tracked_product(
+    case: Case, dense_block: int
+) -> None:
+    tracked = case.head.log_probs(case.x)  # one product, under autograd
+    assert tracked.requires_grad
+    with torch.no_grad(), mock.patch.object(hsoftmax.functional, "_DENSE_BLOCK", dense_block):
+        torch.testing.assert_close(case.head.log_probs(case.x), tracked.detach())
 
 
 @given(cases())
