@@ -337,12 +337,13 @@ def _blocked_log_probs(out: HierarchicalOutput, hidden: Tensor, top: Tensor) -> 
     if torch.is_grad_enabled() or not _eager():
         return _all_positions_log_probs(out, hidden, top)
     n_top, n_bottom = out.bottom_bias.shape
-    blocks = _node_blocks(n_top, hidden.shape[0] * n_bottom)
-    first = _all_positions_log_probs(out, hidden, top, blocks[0])
-    result = first.new_empty(first.shape[0], n_top * n_bottom)
-    for nodes in blocks:
-        block = first if nodes is blocks[0] else _all_positions_log_probs(out, hidden, top, nodes)
+    result = None
+    for nodes in _node_blocks(n_top, hidden.shape[0] * n_bottom):
+        block = _all_positions_log_probs(out, hidden, top, nodes)
+        if result is None:  # the first block tells the dtype
+            result = block.new_empty(block.shape[0], n_top * n_bottom)
         result[:, nodes.start * n_bottom : nodes.stop * n_bottom] = block
+    assert result is not None  # n_top >= 1
     return result
 
 
