@@ -6,8 +6,9 @@
 
 Builds the method at the preset's head size (full: PlantCLEF), warms up, counts the minor page
 faults of ``--steps`` calls, profiles ``--steps`` more, and writes both to
-``results/profile_<method>_<question>[_<variant>]_<device>.txt`` (``results/tmp`` for other
-presets) and stdout. Run it alone: a profile on a busy machine is noise.
+``results/profile_<method>_<question>[_<variant>][_<classes>][_<N>threads]_<device>.txt`` (the
+thread count only when it is not 1; ``results/tmp`` for other presets) and stdout. Run it
+alone: a profile on a busy machine is noise.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     folder = HERE / "results" if a.preset == "full" else HERE / "results" / "tmp"
     suffix = f"_{variant}" if a.question == "train" else ""
     cls = f"_{shape.classes}" if a.classes else ""
-    path = folder / f"profile_{a.method}_{a.question}{suffix}{cls}_{a.device}.txt"
+    threads = f"_{a.threads}threads" if a.threads != 1 else ""
+    path = folder / f"profile_{a.method}_{a.question}{suffix}{cls}{threads}_{a.device}.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     print(text)

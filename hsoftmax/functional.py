@@ -320,25 +320,27 @@ def _all_positions_log_probs(
     return result
 
 
-#: Without autograd, the log-probabilities of all positions are computed for blocks of nodes of
-#: about this many entries each, so that a block stays in cache from the product to the result.
+#: On the CPU, without autograd, the log-probabilities of all positions are computed for blocks
+#: of nodes of about this many entries each, so that a block stays in cache from the product to
+#: the result. GPUs take all nodes at once (their caches are large, their kernel launches not
+#: free).
 _DENSE_BLOCK = 2**20
 
 
-def _node_blocks(n_top: int, entries_per_node: int) -> list[slice]:
-    """Consecutive slices of the nodes, of about ``_DENSE_BLOCK`` entries each."""
-    step = max(1, _DENSE_BLOCK // max(1, entries_per_node))
+def _node_blocks(n_top: int, entries_per_node: int, device: torch.device) -> list[slice]:
+    """Consecutive slices of the nodes, of about ``_DENSE_BLOCK`` entries each on the CPU."""
+    step = n_top if device.type != "cpu" else max(1, _DENSE_BLOCK // max(1, entries_per_node))
     return [slice(start, min(start + step, n_top)) for start in range(0, n_top, step)]
 
 
 def _blocked_log_probs(out: HierarchicalOutput, hidden: Tensor, top: Tensor) -> Tensor:
     """:func:`_all_positions_log_probs`, by blocks of nodes written into one result when
     autograd does not track it (a few blocks per call, not a loop over nodes)."""
-    if torch.is_grad_enabled() or not _eager():
+    if torch.is_grad_enabled() or not _eager() or hidden.device.type != "cpu":
         return _all_positions_log_probs(out, hidden, top)
     n_top, n_bottom = out.bottom_bias.shape
     result = None
-    for nodes in _node_blocks(n_top, hidden.shape[0] * n_bottom):
+    for nodes in _node_blocks(n_top, hidden.shape[0] * n_bottom, hidden.device):
         block = _all_positions_log_probs(out, hidden, top, nodes)
         if result is None:  # the first block tells the dtype
             result = block.new_empty(block.shape[0], n_top * n_bottom)
@@ -436,7 +438,7 @@ def _dense_topk(
     (see :func:`_blocked_log_probs`): the best ``k`` of each block, then the best of those."""
     n_top, n_bottom = out.bottom_bias.shape
     values, positions = [], []
-    for nodes in _node_blocks(n_top, hidden.shape[0] * n_bottom):
+    for nodes in _node_blocks(n_top, hidden.shape[0] * n_bottom, hidden.device):
         block = _all_positions_log_probs(out, hidden, top, nodes)
         found, where = block.topk(min(k, block.shape[1]), dim=-1)
         values.append(found)
