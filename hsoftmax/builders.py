@@ -47,7 +47,7 @@ def suggest_shape(num_classes: int, tolerance: float = 0.05) -> tuple[int, int]:
     ``n_top * n_bottom >= num_classes`` and ``n_top >= n_bottom`` up to rounding) whose
     ``n_top + n_bottom`` is within ``tolerance`` of the smallest, it picks the one with the
     fewest unused slots ``n_top * n_bottom - num_classes``, then the smallest sum, then the
-    largest ``n_bottom``. ``n_bottom`` is kept the smaller factor because the per-sample gather
+    largest ``n_bottom``. ``n_bottom`` is kept the smaller factor because the per-sample read
     of one node's weights costs ``n_bottom * hidden``, while the top layer is one dense matmul.
 
     Args:
