@@ -86,7 +86,7 @@ def _dot_logits(
     n, m = nodes.shape
     n_bottom, width = weight.shape[1:]
     dots = _PER_SAMPLE_DOTS(
-        hidden.to(weight.dtype), weight.view(-1, width), slots.rows, slots.offsets,
+        hidden.to(weight.dtype), weight.reshape(-1, width), slots.rows, slots.offsets,
         slots.sample, 0, -1,  # mode 0: sum; no padding index
     ).view(n, m, n_bottom)
     return dots.add_(bias.index_select(0, nodes.reshape(-1)).view(n, m, n_bottom))
@@ -163,7 +163,7 @@ class _NodeLogits(torch.autograd.Function):
         grad_hidden = grad_weight = grad_bias = None
         if ctx.needs_input_grad[2]:  # sum over slots of grad * row, the rows read in place
             grad_hidden = F.embedding_bag(
-                slots.rows, weight.view(-1, width), slots.offsets, mode="sum",
+                slots.rows, weight.reshape(-1, width), slots.offsets, mode="sum",
                 per_sample_weights=grad.reshape(-1).to(weight.dtype),
             ).to(hidden.dtype)
 

@@ -71,3 +71,15 @@ def test_sparse_gradients_are_coalesced_with_one_entry_per_node() -> None:
     distinct = sorted(set(nodes.flatten().tolist()))
     assert weight.grad._indices().tolist() == [distinct]
     assert weight.grad._values().shape == (len(distinct), 3, 4)
+
+
+def test_a_non_contiguous_weight_gives_the_same_values_and_gradients() -> None:
+    weight, bias, hidden, nodes = _inputs(2)
+    strided = weight.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    assert not strided.is_contiguous()
+    upstream = torch.randn(6, 2, 3, dtype=torch.float64)
+    node_logits(weight, bias, hidden, nodes).backward(upstream)
+    logits = node_logits(strided, bias, hidden, nodes)
+    torch.testing.assert_close(logits, _plain(weight, bias, hidden, nodes))
+    logits.backward(upstream)
+    torch.testing.assert_close(strided.grad, weight.grad)
