@@ -292,16 +292,14 @@ def summary(tables: dict[str, list[Row]], title: str) -> str:
             mains = [r for r in rows if r["question"] == t.question and r["method"] == "flat"]
             main = int(mains[0]["classes"]) if mains else None
         classes = t.classes or main
-        hit = _find([r for r in rows if r["question"] == t.question], t.method, t.variant,
-                    classes)
+        r = _find([x for x in rows if x["question"] == t.question], t.method, t.variant, classes)
         required = f"{'>=' if t.at_least else '<='} {t.bound:g}"
         if t.column.startswith("ratio"):
             required += "x"
-        if not hit:
+        if not r:
             lines.append(f"| {t.what} | `{t.method}` | not measured | {required} | - | "
                          f"{t.csv} |")
             continue
-        r = hit
         column = t.column
         if r["device"] == "cuda" and column == "peak_rss_mb":
             column = "peak_cuda_mb"

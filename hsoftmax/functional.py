@@ -334,18 +334,21 @@ def _node_blocks(n_top: int, entries_per_node: int, device: torch.device) -> lis
 
 
 def _blocked_log_probs(out: HierarchicalOutput, hidden: Tensor, top: Tensor) -> Tensor:
-    """:func:`_all_positions_log_probs`, by blocks of nodes written into one result when
-    autograd does not track it (a few blocks per call, not a loop over nodes)."""
-    if torch.is_grad_enabled() or not _eager() or hidden.device.type != "cpu":
+    """:func:`_all_positions_log_probs`, by blocks of nodes written into one result when there
+    are several and autograd does not track it (a few blocks per call, not a loop over nodes)."""
+    if torch.is_grad_enabled() or not _eager():  # before any size-dependent choice
         return _all_positions_log_probs(out, hidden, top)
     n_top, n_bottom = out.bottom_bias.shape
+    blocks = _node_blocks(n_top, hidden.shape[0] * n_bottom, hidden.device)
+    if len(blocks) == 1:
+        return _all_positions_log_probs(out, hidden, top)
     result = None
-    for nodes in _node_blocks(n_top, hidden.shape[0] * n_bottom, hidden.device):
+    for nodes in blocks:
         block = _all_positions_log_probs(out, hidden, top, nodes)
         if result is None:  # the first block tells the dtype
             result = block.new_empty(block.shape[0], n_top * n_bottom)
         result[:, nodes.start * n_bottom : nodes.stop * n_bottom] = block
-    assert result is not None  # n_top >= 1
+    assert result is not None
     return result
 
 

@@ -1,7 +1,7 @@
 """Work tensors reused across training steps on the CPU, as CUDA's caching allocator does.
 
-Each step of the bottom layers needs tensors of ``batch x n_bottom x hidden`` (the gathered rows,
-their gradients) and, with dense gradients, one of the full size of ``bottom_weight``. With
+Each step of the bottom layers needs tensors of ``batch x n_bottom x hidden`` (the rows'
+gradients) and, with dense gradients, one of the full size of ``bottom_weight``. With
 glibc's default ``malloc`` such tensors are handed back to the system when freed (those over
 32 MB always are), so every step page-faults them in again, a large share of a step at the
 PlantCLEF size. :func:`recycled_empty` instead returns the storage it gave out last time for the
