@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .bottom import _eager, node_logits
+from .bounds import int8_bounds_apply, node_bounds
 
 __all__ = [
     "HierarchicalOutput",
@@ -414,24 +415,32 @@ def predict(out: HierarchicalOutput) -> Tensor:
 _DENSE_SCAN_RATIO = 16
 
 
+def _dense_is_cheaper(count: int, rows: int, n_top: int) -> bool:
+    return _DENSE_SCAN_RATIO * count * rows >= n_top * (_DENSE_SCAN_RATIO + rows)
+
+
 def _scan_nodes(
-    out: HierarchicalOutput, hidden: Tensor, top: Tensor, k: int, count: int
+    out: HierarchicalOutput, hidden: Tensor, top: Tensor, nodes: Tensor, k: int
 ) -> tuple[Tensor, Tensor]:
-    """Exact top-k log-probabilities and positions of each row among its ``count`` most
-    probable nodes, from the top log-probabilities ``top`` ``(N, n_top)``."""
-    n_top, n_bottom = out.bottom_bias.shape
-    rows = hidden.shape[0]
-    if _DENSE_SCAN_RATIO * count * rows >= n_top * (_DENSE_SCAN_RATIO + rows):
-        return _dense_topk(out, hidden, top, k)
-    node_lp, nodes = top.topk(min(count, top.shape[-1]), dim=-1)
+    """Exact top-k (at most) log-probabilities and positions of each row among the classes of
+    its nodes ``nodes`` ``(N, m)``, from the top log-probabilities ``top`` ``(N, n_top)``."""
+    n_bottom = out.bottom_bias.shape[1]
     logits = _node_bottom_logits(out, hidden, nodes)
-    candidates = _class_log_probs(node_lp, logits).flatten(1)
+    candidates = _class_log_probs(top.gather(1, nodes), logits).flatten(1)
     if out.slot_mask is not None:
         valid = out.slot_mask.index_select(0, nodes.reshape(-1)).view_as(candidates)
         candidates = candidates.masked_fill(~valid, float("-inf"))
-    found, where = candidates.topk(k, dim=-1)
+    found, where = candidates.topk(min(k, candidates.shape[1]), dim=-1)
     chosen = nodes.gather(1, torch.div(where, n_bottom, rounding_mode="floor"))
     return found, chosen * n_bottom + where % n_bottom
+
+
+def _best_of(
+    values: Tensor, positions: Tensor, more_values: Tensor, more_positions: Tensor, k: int
+) -> tuple[Tensor, Tensor]:
+    """The best ``k`` of two sets of (log-probability, position) per row."""
+    best, pick = torch.cat([values, more_values], 1).topk(k, dim=-1)
+    return best, torch.cat([positions, more_positions], 1).gather(1, pick)
 
 
 def _dense_topk(
@@ -455,6 +464,58 @@ def _next_power_of_two(counts: Tensor) -> Tensor:
     return torch.pow(2, torch.ceil(torch.log2(counts.double())).long())
 
 
+#: The int8 bounds of :mod:`hsoftmax.bounds` cost about as much as the dense top-k of 40 rows
+#: at the PlantCLEF size (2 CPU threads); fewer rows take the dense top-k.
+_BOUND_ROWS = 40
+
+
+def _pruned_topk(
+    out: HierarchicalOutput, hidden: Tensor, top: Tensor, bound: Tensor, k: int, tight: bool
+) -> tuple[Tensor, Tensor]:
+    """Exact top-k of each row, scanning nodes in decreasing ``bound`` (an upper bound of each
+    node's best class) until no unscanned node can beat the ``k``-th class found. Rows that
+    would scan about as much as the dense product get the tighter bounds of
+    :func:`hsoftmax.bounds.node_bounds` first, unless ``bound`` is already tight."""
+    rows, n_top = bound.shape
+    n_bottom = out.bottom_bias.shape[1]
+    # Enough nodes to hold k classes; a tight bound tells where the best classes are, so that
+    # k nodes (one per class at worst) give a threshold close to the final one.
+    first = min(n_top, k if tight else -(-k // n_bottom))
+    if _dense_is_cheaper(first, rows, n_top):
+        return _dense_topk(out, hidden, top, k)
+    scanned = bound.topk(first, dim=-1).indices
+    values, positions = _scan_nodes(out, hidden, top, scanned, k)
+    if k == 0:
+        return values, positions
+    # Unscanned nodes whose bound reaches the k-th class found may hold better classes (all
+    # scanned nodes then reach it too). Rows are grouped by their number rounded up to a
+    # power of two: each row scans at most twice the nodes it needs, in a few groups (never a
+    # loop over rows or nodes).
+    needed = (bound >= values[:, -1:]).sum(-1) - first
+    extra = torch.where(needed > 0, _next_power_of_two(needed.clamp_min(1)), 0)
+    for count in extra.clamp_max(n_top - first).unique().tolist():
+        if count == 0:
+            continue
+        group = torch.nonzero(extra.clamp_max(n_top - first) == count).squeeze(1)
+        h, t = hidden[group], top[group]
+        if _dense_is_cheaper(first + count, group.shape[0], n_top):
+            if tight or group.shape[0] < _BOUND_ROWS or not int8_bounds_apply(h):
+                found = _dense_topk(out, h, t, k)
+            else:
+                blocks = _node_blocks(n_top, group.shape[0] * n_bottom, h.device)
+                weight, bias, mask = out.bottom_weight, out.bottom_bias, out.slot_mask
+                tighter = node_bounds(weight, bias, mask, h, t, blocks)
+                found = _pruned_topk(out, h, t, tighter, k, tight=True)
+        else:
+            # the scanned nodes last: below every other, even a bound of -inf
+            lowest = torch.finfo(bound.dtype).min
+            rest = bound[group].clamp_min(lowest).scatter_(1, scanned[group], float("-inf"))
+            more = _scan_nodes(out, h, t, rest.topk(count, dim=-1).indices, k)
+            found = _best_of(values[group], positions[group], *more, k)
+        values[group], positions[group] = found
+    return values, positions
+
+
 def topk(out: HierarchicalOutput, k: int) -> tuple[Tensor, Tensor]:
     """The exact ``k`` most probable classes, sorted like :func:`torch.topk`.
 
@@ -462,11 +523,14 @@ def topk(out: HierarchicalOutput, k: int) -> tuple[Tensor, Tensor]:
     far if its node does. A first round scans each row's ``ceil(k / n_bottom)`` most probable
     nodes; the rows where some unscanned node is at least as probable as the ``k``-th class
     found get a second round over those nodes (their number rounded up to a power of two, to
-    scan rows in a few groups), after which the answer is exact. A group whose scan would cost
-    more than the full product (about ``n_top / 16`` nodes per row for a large group) is
-    computed densely instead. A peaked
-    top distribution (a trained model) needs a few nodes per row; a flat one (an untrained
-    model) costs about as much as :func:`log_probs`.
+    scan rows in a few groups), after which the answer is exact. A peaked top distribution (a
+    trained model) needs a few nodes per row.
+
+    A flat one (an untrained model) would need most nodes. Such rows, when they are many,
+    float32 or float64 and on the CPU, first get a tighter bound per node from an int8 product
+    with a bounded error (see :mod:`hsoftmax.bounds`), which leaves a few nodes per row to scan
+    exactly; elsewhere they are computed densely, by blocks of nodes, as
+    :func:`log_probs` does.
 
     The answer equals ``log_probs(out).topk(k)`` up to floating-point rounding of the values;
     exact ties may be broken differently. The second round depends on the data (a host sync):
@@ -493,19 +557,7 @@ def topk(out: HierarchicalOutput, k: int) -> tuple[Tensor, Tensor]:
     if not 0 <= k <= out.num_classes:
         raise ValueError(f"expected k in [0, {out.num_classes}] (num_classes), got {k}")
     hidden, top_logits = _flat(out)
-    n_bottom = out.bottom_bias.shape[1]
     top = _log_softmax(top_logits)
-    first = -(-k // n_bottom)  # enough nodes to hold k classes
-    values, positions = _scan_nodes(out, hidden, top, k, first)
-    if k > 0:
-        # Nodes at least as probable as the k-th class found may hold better classes. Rows are
-        # grouped by that number of nodes rounded up to a power of two, so that each row scans
-        # at most twice the nodes it needs (a few groups, never a loop over rows or nodes).
-        needed = (top >= values[:, -1:]).sum(-1)
-        bucket = torch.where(needed > first, _next_power_of_two(needed), 0)
-        for count in bucket.unique().tolist():
-            if count > 0:
-                rows = torch.nonzero(bucket == count).squeeze(1)
-                values[rows], positions[rows] = _scan_nodes(out, hidden[rows], top[rows], k, count)
+    values, positions = _pruned_topk(out, hidden, top, top, k, tight=False)
     shape = (*out.hidden.shape[:-1], k)
     return values.view(shape), _to_classes(out, positions).view(shape)

@@ -1,0 +1,125 @@
+"""The int8 upper bounds that prune the exact top-k, against float64 brute force."""
+
+from __future__ import annotations
+
+import math
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from reference import reference_log_probs
+from strategies import Case, cases
+
+from hsoftmax import HierarchicalSoftmax, bounds, functional
+
+pytestmark = pytest.mark.skipif(
+    not bounds.int8_bounds_apply(torch.zeros(1, 1)), reason="no oneDNN int8 products here"
+)
+
+
+def _inputs(head: HierarchicalSoftmax, x: torch.Tensor) -> tuple:
+    out = head(x)
+    top = F.log_softmax(out.top_logits, -1)
+    return out.bottom_weight, out.bottom_bias, out.slot_mask, out.hidden, top
+
+
+def _blocks(n_top: int, size: int) -> list[slice]:
+    return [slice(s, min(s + size, n_top)) for s in range(0, n_top, size)]
+
+
+def _best_per_node(head: HierarchicalSoftmax, x: torch.Tensor) -> torch.Tensor:
+    """``(N, n_top)`` float64 log-probability of each node's best class, ``-inf`` if empty."""
+    lp = reference_log_probs(head, x)
+    nodes = head.class_slots // head.n_bottom
+    best = torch.full((x.shape[0], head.n_top), -math.inf, dtype=torch.float64)
+    return best.scatter_reduce(1, nodes.expand_as(lp), lp, "amax")
+
+
+@given(case=cases(), block=st.integers(1, 5))
+def test_bounds_hold_for_every_node(case: Case, block: int) -> None:
+    with torch.no_grad():
+        weight, bias, mask, hidden, top = _inputs(case.head, case.x)
+        bound = bounds.node_bounds(weight, bias, mask, hidden, top, _blocks(len(top[0]), block))
+    best = _best_per_node(case.head, case.x)
+    assert bound.shape == best.shape and bound.dtype == top.dtype
+    empty = best == -math.inf
+    assert torch.all(bound[empty] == -math.inf)
+    assert torch.all(bound[~empty] >= best[~empty] - 1e-9 * (1 + best[~empty].abs()))
+
+
+@given(
+    case=cases(),
+    scales=st.tuples(*[st.sampled_from([0.0, 1e-6, 1e-2, 1.0, 1e3, 1e6])] * 3),
+)
+def test_int8_largest_logits_stay_within_their_error(case: Case, scales: tuple) -> None:
+    head, (w_scale, b_scale, h_scale) = case.head, scales
+    weight = head.bottom_weight.detach() * w_scale
+    bias = head.bottom_bias.detach() * b_scale
+    hidden = head.activation(head.proj(case.x)).detach() * h_scale
+    mask = head.slot_mask
+    largest, error = bounds._largest_logits(weight, bias, mask, hidden, _blocks(head.n_top, 2))
+    exact = torch.einsum("bh,tsh->bts", hidden, weight) + bias
+    if mask is not None:
+        exact = exact.masked_fill(~mask, -math.inf)
+    exact = exact.amax(-1)
+    occupied = exact > -math.inf
+    assert torch.all(error >= 0)
+    assert torch.all((largest - exact).abs()[occupied.expand_as(largest)] <= error[occupied])
+
+
+def test_bounds_hold_in_float32() -> None:
+    torch.manual_seed(0)
+    head = HierarchicalSoftmax(12, 30, 9, 16, num_classes=263)
+    x = torch.randn(40, 12)
+    with torch.no_grad():
+        weight, bias, mask, hidden, top = _inputs(head, x)
+        bound = bounds.node_bounds(weight, bias, mask, hidden, top, _blocks(30, 7))
+    best = _best_per_node(head, x)
+    occupied = best > -math.inf
+    assert torch.all(bound.double()[occupied] >= best[occupied] - 1e-5)
+    assert torch.all(bound[~occupied] == -math.inf)
+
+
+@given(cases())
+def test_topk_pruned_by_the_bounds_equals_brute_force(case: Case) -> None:
+    head, x = case.head, case.x
+    lp = head.log_probs(x)
+    with torch.no_grad():
+        weight, bias, mask, hidden, top = _inputs(head, x)
+        bound = bounds.node_bounds(weight, bias, mask, hidden, top, _blocks(head.n_top, 3))
+        out = head(x)
+        for k in {1, head.num_classes // 2, head.num_classes}:
+            values, positions = functional._pruned_topk(out, hidden, top, bound, k, tight=True)
+            indices = functional._to_classes(out, positions)
+            expected = lp.topk(k)
+            torch.testing.assert_close(values, expected.values)
+            torch.testing.assert_close(lp.gather(1, indices), expected.values)
+            assert all(len(set(row)) == k for row in indices.tolist())
+
+
+@pytest.mark.parametrize("int8", [True, False], ids=["int8-bounds", "dense"])
+def test_untrained_head_topk_takes_the_bounds_when_it_can(int8: bool) -> None:
+    torch.manual_seed(1)
+    head = HierarchicalSoftmax(16, 64, 8, 12, num_classes=500)  # flat top: bounds needed
+    x = torch.randn(64, 16)
+    lp = head.log_probs(x)
+    spy = mock.Mock(wraps=bounds.node_bounds)
+    with (
+        mock.patch.object(functional, "node_bounds", spy),
+        mock.patch.object(bounds, "_INT8_PRODUCTS", int8),
+        mock.patch.object(functional, "_BOUND_ROWS", 1),
+    ):
+        values, indices = head.topk(x, 5)
+    assert spy.called == int8
+    torch.testing.assert_close(values, lp.topk(5).values)
+    torch.testing.assert_close(lp.gather(1, indices), values)
+
+
+def test_bounds_apply_only_where_int8_products_are_exact_and_fast() -> None:
+    assert bounds.int8_bounds_apply(torch.zeros(2, 3, dtype=torch.float64))
+    assert not bounds.int8_bounds_apply(torch.zeros(2, 3, dtype=torch.float16))
+    assert not bounds.int8_bounds_apply(torch.zeros(2, 3, device="meta"))
+    assert not bounds.int8_bounds_apply(torch.zeros(2, bounds._MAX_COLUMNS))
