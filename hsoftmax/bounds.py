@@ -16,6 +16,7 @@ logits are exact, from each node's mean weights.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -26,8 +27,20 @@ from .recycling import recycled_empty
 
 __all__ = ["int8_bounds_apply", "node_bounds"]
 
-#: Whether this build of torch multiplies int8 matrices with oneDNN on the CPU.
-_INT8_PRODUCTS = torch.backends.mkldnn.is_available() and hasattr(torch, "_int_mm")
+
+@functools.cache
+def _int8_products_work() -> bool:
+    """Whether this build of torch multiplies int8 matrices on the CPU, with oneDNN, and gets a
+    small product right (checked once)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch, "_int_mm")):
+        return False
+    a = torch.arange(-127, 129, 2, dtype=torch.int8).view(16, 8)
+    b = a.flip(0)[:, [3, 1, 4, 1, 5, 0, 2, 6]]
+    try:
+        return torch.equal(torch._int_mm(a, b.T).long(), a.long() @ b.long().T)
+    except RuntimeError:
+        return False
+
 
 #: int32 sums of ``K`` products of int8 values within ``+-127`` cannot overflow.
 _MAX_COLUMNS = (2**31 - 1) // 127**2
@@ -37,10 +50,10 @@ def int8_bounds_apply(hidden: Tensor) -> bool:
     """Whether :func:`node_bounds` can run for these hidden vectors: float32 or float64 on the
     CPU, with oneDNN."""
     return (
-        _INT8_PRODUCTS
-        and hidden.device.type == "cpu"
+        hidden.device.type == "cpu"
         and hidden.dtype in (torch.float32, torch.float64)
         and hidden.shape[-1] + 1 <= _MAX_COLUMNS
+        and _int8_products_work()
     )
 
 

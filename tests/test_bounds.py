@@ -109,7 +109,7 @@ def test_untrained_head_topk_takes_the_bounds_when_it_can(int8: bool) -> None:
     spy = mock.Mock(wraps=bounds.node_bounds)
     with (
         mock.patch.object(functional, "node_bounds", spy),
-        mock.patch.object(bounds, "_INT8_PRODUCTS", int8),
+        mock.patch.object(bounds, "_int8_products_work", lambda: int8),
         mock.patch.object(functional, "_BOUND_ROWS", 1),
     ):
         values, indices = head.topk(x, 5)
