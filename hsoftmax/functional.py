@@ -493,10 +493,11 @@ def _pruned_topk(
     # loop over rows or nodes).
     needed = (bound >= values[:, -1:]).sum(-1) - first
     extra = torch.where(needed > 0, _next_power_of_two(needed.clamp_min(1)), 0)
-    for count in extra.clamp_max(n_top - first).unique().tolist():
+    extra = extra.clamp_max(n_top - first)
+    for count in extra.unique().tolist():
         if count == 0:
             continue
-        group = torch.nonzero(extra.clamp_max(n_top - first) == count).squeeze(1)
+        group = torch.nonzero(extra == count).squeeze(1)
         h, t = hidden[group], top[group]
         if _dense_is_cheaper(first + count, group.shape[0], n_top):
             if tight or group.shape[0] < _BOUND_ROWS or not int8_bounds_apply(h):
