@@ -9,8 +9,8 @@ It needs every logit, but no exponential and no top-k, and the largest logits ma
 cheaper approximate product as long as its error is bounded: with ``m`` off by at most ``e``,
 the bound becomes ``top_n + m + e - max(m - e, a + log v)``.
 
-Here the largest logits come from an int8 product (oneDNN's on the CPU, about four times as
-fast as float32), exact in integers, whose rounding error is bounded from the scales; the mean
+Here the largest logits come from an int8 product (oneDNN's on the CPU, several times as fast
+as float32), exact in integers, whose rounding error is bounded from the scales; the mean
 logits are exact, from each node's mean weights.
 """
 
