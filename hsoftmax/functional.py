@@ -435,12 +435,10 @@ def _scan_nodes(
     return found, chosen * n_bottom + where % n_bottom
 
 
-def _best_of(
-    values: Tensor, positions: Tensor, more_values: Tensor, more_positions: Tensor, k: int
-) -> tuple[Tensor, Tensor]:
-    """The best ``k`` of two sets of (log-probability, position) per row."""
-    best, pick = torch.cat([values, more_values], 1).topk(k, dim=-1)
-    return best, torch.cat([positions, more_positions], 1).gather(1, pick)
+def _best_of(values: list[Tensor], positions: list[Tensor], k: int) -> tuple[Tensor, Tensor]:
+    """The best ``k`` (log-probability, position) pairs of each row among several sets."""
+    best, pick = torch.cat(values, 1).topk(k, dim=-1)
+    return best, torch.cat(positions, 1).gather(1, pick)
 
 
 def _dense_topk(
@@ -455,8 +453,7 @@ def _dense_topk(
         found, where = block.topk(min(k, block.shape[1]), dim=-1)
         values.append(found)
         positions.append(where + nodes.start * n_bottom)
-    best, pick = torch.cat(values, 1).topk(k, dim=-1)
-    return best, torch.cat(positions, 1).gather(1, pick)
+    return _best_of(values, positions, k)
 
 
 def _next_power_of_two(counts: Tensor) -> Tensor:
@@ -511,8 +508,8 @@ def _pruned_topk(
             # the scanned nodes last: below every other, even a bound of -inf
             lowest = torch.finfo(bound.dtype).min
             rest = bound[group].clamp_min(lowest).scatter_(1, scanned[group], float("-inf"))
-            more = _scan_nodes(out, h, t, rest.topk(count, dim=-1).indices, k)
-            found = _best_of(values[group], positions[group], *more, k)
+            more, where = _scan_nodes(out, h, t, rest.topk(count, dim=-1).indices, k)
+            found = _best_of([values[group], more], [positions[group], where], k)
         values[group], positions[group] = found
     return values, positions
 
