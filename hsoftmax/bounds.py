@@ -20,7 +20,6 @@ import functools
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .recycling import recycled_empty
@@ -42,6 +41,9 @@ def _int8_products_work() -> bool:
         return False
 
 
+#: Nodes are taken in blocks whose int32 products have about this many entries.
+_BLOCK_ENTRIES = 2**21
+
 #: int32 sums of ``K`` products of int8 values within ``+-127`` cannot overflow.
 _MAX_COLUMNS = (2**31 - 1) // 127**2
 
@@ -57,24 +59,21 @@ def int8_bounds_apply(hidden: Tensor) -> bool:
     )
 
 
-def _mean_logits(
-    weight: Tensor, bias: Tensor, slot_mask: Tensor | None, hidden: Tensor
-) -> Tensor:
-    """``(N, n_top)`` mean logit of each node over its valid slots: the product with the
-    nodes' mean weights and bias."""
+def _share(slot_mask: Tensor | None, nodes: slice, like: Tensor) -> Tensor | None:
+    """``(n, 1, n_bottom)`` weights of the mean over the valid slots of ``nodes`` (``None``:
+    all slots are valid)."""
     if slot_mask is None:
-        return F.linear(hidden, weight.mean(1), bias.mean(1))
-    share = slot_mask.to(weight.dtype)
-    share = share / share.sum(-1, keepdim=True).clamp_min(1)
-    mean_weight = torch.bmm(share.unsqueeze(1), weight).squeeze(1)
-    return F.linear(hidden, mean_weight, (share * bias).sum(-1))
+        return None
+    share = slot_mask[nodes].to(like.dtype).unsqueeze(1)
+    return share / share.sum(-1, keepdim=True).clamp_min(1)
 
 
-def _largest_logits(
-    weight: Tensor, bias: Tensor, slot_mask: Tensor | None, hidden: Tensor, blocks: list[slice]
-) -> tuple[Tensor, Tensor]:
-    """``(N, n_top)`` largest logit of each node over its valid slots, from an int8 product by
-    blocks of nodes ``blocks``, and a bound of its error.
+def _node_logits(
+    weight: Tensor, bias: Tensor, slot_mask: Tensor | None, hidden: Tensor, step: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(n_top, N)`` largest logit of each node over its valid slots, from an int8 product by
+    blocks of ``step`` nodes, a bound of its error, and the exact mean logit (the product with
+    the nodes' mean weights).
 
     The bias is a last column of the weights (``hidden`` gets a column of ones). With
     ``h = s q + dh`` and ``w = t r + dw`` (int8 ``q`` and ``r``, a scale per row of ``hidden``
@@ -85,35 +84,45 @@ def _largest_logits(
     n_top, n_bottom, width = weight.shape
     columns = width + 1
     extended = torch.cat([hidden, hidden.new_ones(rows, 1)], 1)
-    h_scale = extended.abs().amax(1, keepdim=True) / 127  # at least 1 / 127 (the ones)
-    h_rounded = torch.round(extended / h_scale)
-    h_error, h_int8 = extended - h_rounded * h_scale, h_rounded.to(torch.int8)
-    w_scale = torch.maximum(weight.amax((1, 2)), weight.amin((1, 2)).neg_())
-    w_scale = torch.maximum(w_scale, bias.abs().amax(1))
-    w_scale = w_scale.clamp_min_(torch.finfo(w_scale.dtype).tiny).div_(127)
-    inverse = w_scale.reciprocal()[:, None]
-    bias_int8 = torch.round(bias * inverse).to(torch.int8)
-    step = blocks[0].stop - blocks[0].start
+    h_scale = extended.abs().amax(1) / 127  # at least 1 / 127 (the ones)
+    h_rounded = torch.round(extended / h_scale[:, None])
+    h_error, h_int8 = extended - h_rounded * h_scale[:, None], h_rounded.to(torch.int8)
+    w_scale, w_size = weight.new_empty(n_top), weight.new_empty(n_top)
+    blocks = [slice(start, min(start + step, n_top)) for start in range(0, n_top, step)]
     rounded = recycled_empty(weight, "rounded rows", (step, n_bottom, width), weight.dtype)
     w_int8 = recycled_empty(weight, "int8 rows", (step, n_bottom, columns), torch.int8)
     products = recycled_empty(weight, "int8 products", (step * n_bottom, rows), torch.int32)
     largest = torch.empty(n_top, rows, dtype=torch.int32)
+    mean_weight = weight.new_empty(n_top, width)
     for nodes in blocks:
-        n = nodes.stop - nodes.start
-        torch.mul(weight[nodes], inverse[nodes, :, None], out=rounded[:n]).round_()
-        w_int8[:n, :, :width], w_int8[:n, :, width] = rounded[:n], bias_int8[nodes]
+        n, block, block_bias = nodes.stop - nodes.start, weight[nodes], bias[nodes]
+        scale = torch.maximum(block.amax((1, 2)), block.amin((1, 2)).neg_())
+        scale = torch.maximum(scale, block_bias.abs().amax(1))
+        w_scale[nodes] = scale.clamp_min_(torch.finfo(scale.dtype).tiny).div_(127)
+        w_size[nodes] = torch.hypot(torch.linalg.vector_norm(block, dim=-1), block_bias).amax(-1)
+        share = _share(slot_mask, nodes, weight)
+        if share is None:
+            torch.mean(block, 1, out=mean_weight[nodes])
+        else:
+            mean_weight[nodes] = torch.bmm(share, block).squeeze(1)
+        inverse = scale.reciprocal()[:, None]
+        torch.mul(block, inverse[..., None], out=rounded[:n]).round_()
+        w_int8[:n, :, :width], w_int8[:n, :, width] = rounded[:n], block_bias.mul(inverse).round_()
         logits = torch._int_mm(
             w_int8[:n].view(-1, columns), h_int8.T, out=products[: n * n_bottom]
         ).view(n, n_bottom, rows)
         if slot_mask is not None:
             logits.masked_fill_(~slot_mask[nodes, :, None], torch.iinfo(torch.int32).min)
         torch.amax(logits, 1, out=largest[nodes])
-    w_size = torch.hypot(torch.linalg.vector_norm(weight, dim=-1), bias).amax(-1)
+    share = _share(slot_mask, slice(None), weight)
+    mean_bias = bias.mean(1) if share is None else (share.squeeze(1) * bias).sum(-1)
+    mean = torch.addmm(mean_bias[:, None], mean_weight, hidden.T)
     w_size += w_scale * (math.sqrt(columns) / 2)
     h_size, h_error_size = extended.abs().sum(1), torch.linalg.vector_norm(h_error, dim=1)
-    error = torch.outer(h_size, w_scale / 2) + torch.outer(h_error_size, w_size)
-    largest_logits = largest.T.to(hidden.dtype) * h_scale * w_scale
-    return largest_logits, error * (1 + 2**-10)  # the margin covers float rounding
+    error = torch.outer(w_scale / 2, h_size).addr_(w_size, h_error_size)
+    error *= 1 + 2**-10  # the margin covers float rounding
+    largest_logits = largest.to(hidden.dtype).mul_(w_scale[:, None]).mul_(h_scale)
+    return largest_logits, error, mean
 
 
 @torch.no_grad()
@@ -123,7 +132,7 @@ def node_bounds(
     slot_mask: Tensor | None,
     hidden: Tensor,
     top: Tensor,
-    blocks: list[slice],
+    nodes_per_block: int | None = None,
 ) -> Tensor:
     """Upper bounds of the log-probability of each node's best class (see the module).
 
@@ -134,18 +143,19 @@ def node_bounds(
         hidden: ``(N, hidden)`` hidden vectors, float32 or float64, on the CPU (see
             :func:`int8_bounds_apply`).
         top: ``(N, n_top)`` top log-probabilities (``-inf`` for empty nodes).
-        blocks: consecutive slices of the nodes, of equal length but the last.
+        nodes_per_block: how many nodes each int8 product takes. Default: about ``2**21``
+            products per block.
 
     Returns:
         ``(N, n_top)`` bounds, in ``top``'s dtype: no class of node ``n`` has a larger
         log-probability than ``bounds[:, n]``, up to float rounding of the exact values.
     """
     n_bottom = bias.shape[1]
+    step = nodes_per_block or max(1, _BLOCK_ENTRIES // max(1, hidden.shape[0] * n_bottom))
     if slot_mask is None:
         log_count: Tensor | float = math.log(n_bottom)
     else:
-        log_count = slot_mask.sum(-1).clamp_min(1).to(hidden.dtype).log()
-    largest, error = _largest_logits(weight, bias, slot_mask, hidden, blocks)
-    mean = _mean_logits(weight, bias, slot_mask, hidden)
-    lower = torch.maximum(largest - error, mean + log_count)
-    return top + (largest + error - lower).to(top.dtype)
+        log_count = slot_mask.sum(-1, keepdim=True).clamp_min(1).to(hidden.dtype).log()
+    largest, error, mean = _node_logits(weight, bias, slot_mask, hidden, step)
+    lower = torch.maximum(largest - error, mean.add_(log_count))
+    return top + largest.add_(error).sub_(lower).T.to(top.dtype)

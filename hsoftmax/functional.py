@@ -500,9 +500,8 @@ def _pruned_topk(
             if tight or group.shape[0] < _BOUND_ROWS or not int8_bounds_apply(h):
                 found = _dense_topk(out, h, t, k)
             else:
-                blocks = _node_blocks(n_top, group.shape[0] * n_bottom, h.device)
                 weight, bias, mask = out.bottom_weight, out.bottom_bias, out.slot_mask
-                tighter = node_bounds(weight, bias, mask, h, t, blocks)
+                tighter = node_bounds(weight, bias, mask, h, t)
                 found = _pruned_topk(out, h, t, tighter, k, tight=True)
         else:
             # the scanned nodes last: below every other, even a bound of -inf

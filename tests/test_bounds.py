@@ -26,10 +26,6 @@ def _inputs(head: HierarchicalSoftmax, x: torch.Tensor) -> tuple:
     return out.bottom_weight, out.bottom_bias, out.slot_mask, out.hidden, top
 
 
-def _blocks(n_top: int, size: int) -> list[slice]:
-    return [slice(s, min(s + size, n_top)) for s in range(0, n_top, size)]
-
-
 def _best_per_node(head: HierarchicalSoftmax, x: torch.Tensor) -> torch.Tensor:
     """``(N, n_top)`` float64 log-probability of each node's best class, ``-inf`` if empty."""
     lp = reference_log_probs(head, x)
@@ -42,7 +38,7 @@ def _best_per_node(head: HierarchicalSoftmax, x: torch.Tensor) -> torch.Tensor:
 def test_bounds_hold_for_every_node(case: Case, block: int) -> None:
     with torch.no_grad():
         weight, bias, mask, hidden, top = _inputs(case.head, case.x)
-        bound = bounds.node_bounds(weight, bias, mask, hidden, top, _blocks(len(top[0]), block))
+        bound = bounds.node_bounds(weight, bias, mask, hidden, top, block)
     best = _best_per_node(case.head, case.x)
     assert bound.shape == best.shape and bound.dtype == top.dtype
     empty = best == -math.inf
@@ -54,20 +50,22 @@ def test_bounds_hold_for_every_node(case: Case, block: int) -> None:
     case=cases(),
     scales=st.tuples(*[st.sampled_from([0.0, 1e-6, 1e-2, 1.0, 1e3, 1e6])] * 3),
 )
-def test_int8_largest_logits_stay_within_their_error(case: Case, scales: tuple) -> None:
+def test_int8_maxima_stay_within_their_error_and_means_are_exact(case: Case, scales: tuple) -> None:
     head, (w_scale, b_scale, h_scale) = case.head, scales
     weight = head.bottom_weight.detach() * w_scale
     bias = head.bottom_bias.detach() * b_scale
     hidden = head.activation(head.proj(case.x)).detach() * h_scale
     mask = head.slot_mask
-    largest, error = bounds._largest_logits(weight, bias, mask, hidden, _blocks(head.n_top, 2))
-    exact = torch.einsum("bh,tsh->bts", hidden, weight) + bias
-    if mask is not None:
-        exact = exact.masked_fill(~mask, -math.inf)
-    exact = exact.amax(-1)
-    occupied = exact > -math.inf
+    largest, error, mean = bounds._node_logits(weight, bias, mask, hidden, 2)
+    logits = torch.einsum("bh,tsh->tbs", hidden, weight) + bias[:, None]
+    valid = torch.ones_like(bias, dtype=torch.bool) if mask is None else mask
+    exact = logits.masked_fill(~valid[:, None], -math.inf).amax(-1)
+    occupied = (exact > -math.inf).expand_as(largest)
     assert torch.all(error >= 0)
-    assert torch.all((largest - exact).abs()[occupied.expand_as(largest)] <= error[occupied])
+    assert torch.all((largest - exact).abs()[occupied] <= error[occupied])
+    share = valid[:, None].double() / valid.sum(-1).clamp_min(1)[:, None, None]
+    expected_mean = (logits * share).sum(-1)
+    torch.testing.assert_close(mean, expected_mean, rtol=1e-9, atol=1e-9 * (1 + logits.abs().max()))
 
 
 def test_bounds_hold_in_float32() -> None:
@@ -76,7 +74,7 @@ def test_bounds_hold_in_float32() -> None:
     x = torch.randn(40, 12)
     with torch.no_grad():
         weight, bias, mask, hidden, top = _inputs(head, x)
-        bound = bounds.node_bounds(weight, bias, mask, hidden, top, _blocks(30, 7))
+        bound = bounds.node_bounds(weight, bias, mask, hidden, top, 7)
     best = _best_per_node(head, x)
     occupied = best > -math.inf
     assert torch.all(bound.double()[occupied] >= best[occupied] - 1e-5)
@@ -89,7 +87,7 @@ def test_topk_pruned_by_the_bounds_equals_brute_force(case: Case) -> None:
     lp = head.log_probs(x)
     with torch.no_grad():
         weight, bias, mask, hidden, top = _inputs(head, x)
-        bound = bounds.node_bounds(weight, bias, mask, hidden, top, _blocks(head.n_top, 3))
+        bound = bounds.node_bounds(weight, bias, mask, hidden, top, 3)
         out = head(x)
         for k in {1, head.num_classes // 2, head.num_classes}:
             values, positions = functional._pruned_topk(out, hidden, top, bound, k, tight=True)
