@@ -491,25 +491,29 @@ def _pruned_topk(
     needed = (bound >= values[:, -1:]).sum(-1) - first
     extra = torch.where(needed > 0, _next_power_of_two(needed.clamp_min(1)), 0)
     extra = extra.clamp_max(n_top - first)
+    heavy = []  # rows that scan about as much as the dense product: all in one pass
     for count in extra.unique().tolist():
         if count == 0:
             continue
         group = torch.nonzero(extra == count).squeeze(1)
-        h, t = hidden[group], top[group]
         if _dense_is_cheaper(first + count, group.shape[0], n_top):
-            if tight or group.shape[0] < _BOUND_ROWS or not int8_bounds_apply(h):
-                found = _dense_topk(out, h, t, k)
-            else:
-                weight, bias, mask = out.bottom_weight, out.bottom_bias, out.slot_mask
-                tighter = node_bounds(weight, bias, mask, h, t)
-                found = _pruned_topk(out, h, t, tighter, k, tight=True)
+            heavy.append(group)
+            continue
+        # the scanned nodes last: below every other, even a bound of -inf
+        lowest = torch.finfo(bound.dtype).min
+        rest = bound[group].clamp_min(lowest).scatter_(1, scanned[group], float("-inf"))
+        more, where = _scan_nodes(out, hidden[group], top[group], rest.topk(count).indices, k)
+        values[group], positions[group] = _best_of(
+            [values[group], more], [positions[group], where], k
+        )
+    if heavy:
+        group = torch.cat(heavy)
+        h, t = hidden[group], top[group]
+        if tight or group.shape[0] < _BOUND_ROWS or not int8_bounds_apply(h):
+            values[group], positions[group] = _dense_topk(out, h, t, k)
         else:
-            # the scanned nodes last: below every other, even a bound of -inf
-            lowest = torch.finfo(bound.dtype).min
-            rest = bound[group].clamp_min(lowest).scatter_(1, scanned[group], float("-inf"))
-            more, where = _scan_nodes(out, h, t, rest.topk(count, dim=-1).indices, k)
-            found = _best_of([values[group], more], [positions[group], where], k)
-        values[group], positions[group] = found
+            tighter = node_bounds(out.bottom_weight, out.bottom_bias, out.slot_mask, h, t)
+            values[group], positions[group] = _pruned_topk(out, h, t, tighter, k, tight=True)
     return values, positions
 
 
@@ -523,10 +527,10 @@ def topk(out: HierarchicalOutput, k: int) -> tuple[Tensor, Tensor]:
     scan rows in a few groups), after which the answer is exact. A peaked top distribution (a
     trained model) needs a few nodes per row.
 
-    A flat one (an untrained model) would need most nodes. Such rows, when they are many,
-    float32 or float64 and on the CPU, first get a tighter bound per node from an int8 product
-    with a bounded error (see :mod:`hsoftmax.bounds`), which leaves a few nodes per row to scan
-    exactly; elsewhere they are computed densely, by blocks of nodes, as
+    A flat one (an untrained model) would need most nodes. All such rows go together: when
+    they are many, float32 or float64 and on the CPU, they first get a tighter bound per node
+    from an int8 product with a bounded error (see :mod:`hsoftmax.bounds`), which leaves a few
+    nodes per row to scan exactly; otherwise they are computed densely, by blocks of nodes, as
     :func:`log_probs` does.
 
     The answer equals ``log_probs(out).topk(k)`` up to floating-point rounding of the values;

@@ -121,3 +121,27 @@ def test_bounds_apply_only_where_int8_products_are_exact_and_fast() -> None:
     assert not bounds.int8_bounds_apply(torch.zeros(2, 3, dtype=torch.float16))
     assert not bounds.int8_bounds_apply(torch.zeros(2, 3, device="meta"))
     assert not bounds.int8_bounds_apply(torch.zeros(2, bounds._MAX_COLUMNS))
+
+
+def test_rows_that_go_dense_share_one_pass() -> None:
+    torch.manual_seed(2)
+    head = HierarchicalSoftmax(16, 64, 8, 12, num_classes=500)
+    with torch.no_grad():
+        head.top.weight.mul_(3)  # rows need different numbers of nodes
+    x = torch.randn(64, 16)
+    lp = head.log_probs(x)
+    spy = mock.Mock(wraps=functional._dense_topk)
+    with (
+        mock.patch.object(functional, "_dense_topk", spy),
+        mock.patch.object(functional, "_dense_is_cheaper", lambda count, rows, n_top: count > 2),
+        mock.patch.object(bounds, "_int8_products_work", lambda: False),
+    ):
+        values, indices = head.topk(x, 5)
+        out = head(x)
+        top = F.log_softmax(out.top_logits, -1)
+        first = top.topk(1).values[:, :1]
+    needed = (top >= first - 1).sum(-1)  # rows differ in how many nodes they may need
+    assert len(set(needed.tolist())) > 2
+    assert spy.call_count == 1
+    torch.testing.assert_close(values, lp.topk(5).values)
+    torch.testing.assert_close(lp.gather(1, indices), values)
