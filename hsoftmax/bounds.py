@@ -92,7 +92,7 @@ def _node_logits(
     rounded = recycled_empty(weight, "rounded rows", (step, n_bottom, width), weight.dtype)
     w_int8 = recycled_empty(weight, "int8 rows", (step, n_bottom, columns), torch.int8)
     products = recycled_empty(weight, "int8 products", (step * n_bottom, rows), torch.int32)
-    largest = torch.empty(n_top, rows, dtype=torch.int32)
+    largest = recycled_empty(weight, "int8 largest", (n_top, rows), torch.int32)
     mean_weight = weight.new_empty(n_top, width)
     for nodes in blocks:
         n, block, block_bias = nodes.stop - nodes.start, weight[nodes], bias[nodes]
@@ -116,12 +116,15 @@ def _node_logits(
         torch.amax(logits, 1, out=largest[nodes])
     share = _share(slot_mask, slice(None), weight)
     mean_bias = bias.mean(1) if share is None else (share.squeeze(1) * bias).sum(-1)
-    mean = torch.addmm(mean_bias[:, None], mean_weight, hidden.T)
+    shape, dtype = (n_top, rows), hidden.dtype
+    mean = recycled_empty(weight, "mean logits", shape, dtype)
+    torch.addmm(mean_bias[:, None], mean_weight, hidden.T, out=mean)
     w_size += w_scale * (math.sqrt(columns) / 2)
     h_size, h_error_size = extended.abs().sum(1), torch.linalg.vector_norm(h_error, dim=1)
-    error = torch.outer(w_scale / 2, h_size).addr_(w_size, h_error_size)
-    error *= 1 + 2**-10  # the margin covers float rounding
-    largest_logits = largest.to(hidden.dtype).mul_(w_scale[:, None]).mul_(h_scale)
+    error = torch.outer(w_scale / 2, h_size, out=recycled_empty(weight, "errors", shape, dtype))
+    error.addr_(w_size, h_error_size).mul_(1 + 2**-10)  # the margin covers float rounding
+    largest_logits = recycled_empty(weight, "largest logits", shape, dtype)
+    torch.mul(largest, w_scale[:, None], out=largest_logits).mul_(h_scale)
     return largest_logits, error, mean
 
 
@@ -157,5 +160,6 @@ def node_bounds(
     else:
         log_count = slot_mask.sum(-1, keepdim=True).clamp_min(1).to(hidden.dtype).log()
     largest, error, mean = _node_logits(weight, bias, slot_mask, hidden, step)
-    lower = torch.maximum(largest - error, mean.add_(log_count))
-    return top + largest.add_(error).sub_(lower).T.to(top.dtype)
+    # top + m + e - max(m - e, a + log v) = top + min(2 e, m + e - a - log v), in place
+    gap = mean.sub_(largest).sub_(error).add_(log_count).neg_()
+    return top + torch.minimum(gap, error.mul_(2), out=gap).T.to(top.dtype)
