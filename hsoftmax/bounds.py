@@ -59,12 +59,12 @@ def int8_bounds_apply(hidden: Tensor) -> bool:
     )
 
 
-def _share(slot_mask: Tensor | None, nodes: slice, like: Tensor) -> Tensor | None:
-    """``(n, 1, n_bottom)`` weights of the mean over the valid slots of ``nodes`` (``None``:
-    all slots are valid)."""
+def _share(slot_mask: Tensor | None, like: Tensor) -> Tensor | None:
+    """``(n_top, 1, n_bottom)`` weights of the mean over each node's valid slots (``None``: all
+    slots are valid)."""
     if slot_mask is None:
         return None
-    share = slot_mask[nodes].to(like.dtype).unsqueeze(1)
+    share = slot_mask.to(like.dtype).unsqueeze(1)
     return share / share.sum(-1, keepdim=True).clamp_min(1)
 
 
@@ -84,7 +84,9 @@ def _node_logits(
     n_top, n_bottom, width = weight.shape
     columns = width + 1
     extended = torch.cat([hidden, hidden.new_ones(rows, 1)], 1)
-    h_scale = extended.abs().amax(1) / 127  # at least 1 / 127 (the ones)
+    h_size = extended.abs()
+    h_scale = h_size.amax(1) / 127  # at least 1 / 127 (the ones)
+    h_size = h_size.sum(1)
     h_rounded = torch.round(extended / h_scale[:, None])
     h_error, h_int8 = extended - h_rounded * h_scale[:, None], h_rounded.to(torch.int8)
     w_scale, w_size = weight.new_empty(n_top), weight.new_empty(n_top)
@@ -94,17 +96,17 @@ def _node_logits(
     products = recycled_empty(weight, "int8 products", (step * n_bottom, rows), torch.int32)
     largest = recycled_empty(weight, "int8 largest", (n_top, rows), torch.int32)
     mean_weight = weight.new_empty(n_top, width)
+    share = _share(slot_mask, weight)
     for nodes in blocks:
         n, block, block_bias = nodes.stop - nodes.start, weight[nodes], bias[nodes]
         scale = torch.maximum(block.amax((1, 2)), block.amin((1, 2)).neg_())
         scale = torch.maximum(scale, block_bias.abs().amax(1))
         w_scale[nodes] = scale.clamp_min_(torch.finfo(scale.dtype).tiny).div_(127)
         w_size[nodes] = torch.hypot(torch.linalg.vector_norm(block, dim=-1), block_bias).amax(-1)
-        share = _share(slot_mask, nodes, weight)
         if share is None:
             torch.mean(block, 1, out=mean_weight[nodes])
         else:
-            mean_weight[nodes] = torch.bmm(share, block).squeeze(1)
+            mean_weight[nodes] = torch.bmm(share[nodes], block).squeeze(1)
         inverse = scale.reciprocal()[:, None]
         torch.mul(block, inverse[..., None], out=rounded[:n]).round_()
         w_int8[:n, :, :width], w_int8[:n, :, width] = rounded[:n], block_bias.mul(inverse).round_()
@@ -114,13 +116,12 @@ def _node_logits(
         if slot_mask is not None:
             logits.masked_fill_(~slot_mask[nodes, :, None], torch.iinfo(torch.int32).min)
         torch.amax(logits, 1, out=largest[nodes])
-    share = _share(slot_mask, slice(None), weight)
     mean_bias = bias.mean(1) if share is None else (share.squeeze(1) * bias).sum(-1)
     shape, dtype = (n_top, rows), hidden.dtype
     mean = recycled_empty(weight, "mean logits", shape, dtype)
     torch.addmm(mean_bias[:, None], mean_weight, hidden.T, out=mean)
     w_size += w_scale * (math.sqrt(columns) / 2)
-    h_size, h_error_size = extended.abs().sum(1), torch.linalg.vector_norm(h_error, dim=1)
+    h_error_size = torch.linalg.vector_norm(h_error, dim=1)
     error = torch.outer(w_scale / 2, h_size, out=recycled_empty(weight, "errors", shape, dtype))
     error.addr_(w_size, h_error_size).mul_(1 + 2**-10)  # the margin covers float rounding
     largest_logits = recycled_empty(weight, "largest logits", shape, dtype)

@@ -492,6 +492,7 @@ def _pruned_topk(
     extra = torch.where(needed > 0, _next_power_of_two(needed.clamp_min(1)), 0)
     extra = extra.clamp_max(n_top - first)
     heavy = []  # rows that scan about as much as the dense product: all in one pass
+    lowest = torch.finfo(bound.dtype).min
     for count in extra.unique().tolist():
         if count == 0:
             continue
@@ -500,7 +501,6 @@ def _pruned_topk(
             heavy.append(group)
             continue
         # the scanned nodes last: below every other, even a bound of -inf
-        lowest = torch.finfo(bound.dtype).min
         rest = bound[group].clamp_min(lowest).scatter_(1, scanned[group], float("-inf"))
         more, where = _scan_nodes(out, hidden[group], top[group], rest.topk(count).indices, k)
         values[group], positions[group] = _best_of(
