@@ -453,6 +453,8 @@ def _dense_topk(
         found, where = block.topk(min(k, block.shape[1]), dim=-1)
         values.append(found)
         positions.append(where + nodes.start * n_bottom)
+    if len(values) == 1:
+        return values[0], positions[0]
     return _best_of(values, positions, k)
 
 
@@ -528,14 +530,18 @@ def topk(out: HierarchicalOutput, k: int) -> tuple[Tensor, Tensor]:
     trained model) needs a few nodes per row.
 
     A flat one (an untrained model) would need most nodes. All such rows go together: when
-    they are many, float32 or float64 and on the CPU, they first get a tighter bound per node
-    from an int8 product with a bounded error (see :mod:`hsoftmax.bounds`), which leaves a few
-    nodes per row to scan exactly; otherwise they are computed densely, by blocks of nodes, as
+    they are many, float32 or float64, they first get a tighter bound per node from an int8
+    product with a bounded error (see :mod:`hsoftmax.bounds`), which leaves a few nodes per row
+    to scan exactly; otherwise they are computed densely, by blocks of nodes, as
     :func:`log_probs` does.
 
+    This search runs on the CPU. On accelerators, where the dense product is cheap and kernel
+    launches and host syncs are not, every row takes the dense path: a few kernels, no sync.
+
     The answer equals ``log_probs(out).topk(k)`` up to floating-point rounding of the values;
-    exact ties may be broken differently. The second round depends on the data (a host sync):
-    under ``torch.compile`` it breaks the graph; to export, use ``log_probs(out).topk(k)``.
+    exact ties may be broken differently. On the CPU the second round depends on the data (a
+    host sync): under ``torch.compile`` it breaks the graph; to export, use
+    ``log_probs(out).topk(k)``.
 
     Args:
         out: the head's output, leading shape ``(*)``.
@@ -559,6 +565,9 @@ def topk(out: HierarchicalOutput, k: int) -> tuple[Tensor, Tensor]:
         raise ValueError(f"expected k in [0, {out.num_classes}] (num_classes), got {k}")
     hidden, top_logits = _flat(out)
     top = _log_softmax(top_logits)
-    values, positions = _pruned_topk(out, hidden, top, top, k, tight=False)
+    if hidden.device.type == "cpu":
+        values, positions = _pruned_topk(out, hidden, top, top, k, tight=False)
+    else:  # accelerators: the dense product is cheap there, kernel launches and host syncs not
+        values, positions = _dense_topk(out, hidden, top, k)
     shape = (*out.hidden.shape[:-1], k)
     return values.view(shape), _to_classes(out, positions).view(shape)
