@@ -270,8 +270,12 @@ def hierarchical_cross_entropy(
         )
 
     keep = (target != ignore_index).reshape(-1)
-    safe_target = torch.where(keep, target.reshape(-1), torch.zeros_like(keep, dtype=target.dtype))
+    safe_target = torch.where(keep, target.reshape(-1), 0)
     top, bottom, node, slot = _gold_path(out, safe_target)
+    if weight is None and label_smoothing == 0.0:  # each level's nll_loss skips ignored rows
+        loss = F.nll_loss(top, node.where(keep, -1), ignore_index=-1, reduction=reduction)
+        loss = loss + F.nll_loss(bottom, slot.where(keep, -1), ignore_index=-1, reduction=reduction)
+        return loss.view(target.shape) if reduction == "none" else loss
     nll = -_pick(top, bottom, node, slot)
     if label_smoothing > 0.0:
         smooth = _mean_valid(-top, torch.isfinite(top)) + _mean_valid(
