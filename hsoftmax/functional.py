@@ -140,7 +140,8 @@ def _gold_path(out: HierarchicalOutput, target: Tensor) -> tuple[Tensor, Tensor,
     """Top log-probs ``(N, n_top)``, the target node's bottom log-probs ``(N, n_bottom)``, and
     the target's node and slot ``(N,)``, for valid class ids ``target`` (not checked)."""
     hidden, top_logits = _flat(out)
-    position = out.class_slots[target.reshape(-1)]
+    flat_target = target.reshape(-1).long()
+    position = flat_target if out.slot_classes is None else out.class_slots[flat_target]
     n_bottom = out.bottom_bias.shape[1]
     node = torch.div(position, n_bottom, rounding_mode="floor")
     top = _log_softmax(top_logits)
@@ -200,14 +201,17 @@ def _check_target(out: HierarchicalOutput, target: Tensor, ignore_index: int) ->
             f"got {tuple(target.shape)}"
         )
     num_classes = out.num_classes
-    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    outside = (target < 0) | (target >= num_classes)
     message = f"expected target in [0, {num_classes}) or ignore_index={ignore_index}"
     if target.device.type == "cpu" and not torch.compiler.is_compiling():
-        if bool(bad.any()):
-            values = target[bad]
-            raise IndexError(f"{message}, got values in [{int(values.min())}, {int(values.max())}]")
+        if bool(outside.any()):  # then look past the ignored entries
+            values = target[outside & (target != ignore_index)]
+            if values.numel():
+                raise IndexError(
+                    f"{message}, got values in [{int(values.min())}, {int(values.max())}]"
+                )
     else:  # no host sync on accelerators or in compiled graphs
-        torch._assert_async(~bad.any(), message)
+        torch._assert_async(~(outside & (target != ignore_index)).any(), message)
 
 
 def hierarchical_cross_entropy(
