@@ -75,6 +75,7 @@ COLUMNS = (
     "rounds",
     "shared_machine",
     "load1",
+    "copy_gbs",
     "skip_reason",
     "note",
 )
@@ -536,6 +537,9 @@ def _row(
         loads = [r["load1"] for r in ok if r.get("load1") is not None]
         if loads:
             row["load1"] = round(max(loads), 2)
+        bandwidths = [r["copy_gbs"] for r in ok if r.get("copy_gbs")]
+        if bandwidths:
+            row["copy_gbs"] = min(bandwidths)
         cuda = [r["peak_cuda_bytes"] for r in ok if r.get("peak_cuda_bytes")]
         if cuda:
             row["peak_cuda_mb"] = round(max(cuda) / 2**20, 1)

@@ -90,6 +90,10 @@ def _environment(rows: Sequence[Row]) -> str:
     if loads and r["device"] == "cpu":
         lines.append(f"- 1-minute load average at task starts: {min(loads):.1f} to "
                      f"{max(loads):.1f} (the machine has {r['device_name'].split('(')[-1]}")
+    bandwidths = [float(x["copy_gbs"]) for x in rows if _f(x.get("copy_gbs", ""))]
+    if bandwidths:
+        lines.append(f"- memory copy bandwidth after the tasks (128 MB, best of 10, lowest over "
+                     f"rounds): {min(bandwidths):.0f} to {max(bandwidths):.0f} GB/s")
     if shared:
         lines.append("- taken on a shared machine: other jobs were running; treat absolute "
                      "times with care, ratios are from the same interleaved rounds")

@@ -25,6 +25,10 @@ before any verification, so the checks' float64 references are not counted.
   timed with ``time.perf_counter`` (after the first, which allocates optimizer state).
 - ``idle``: nothing (the baseline of ``ru_maxrss``); ``idle_warm``: every method trained and
   queried once on a tiny head (the baseline of ``peak_rss_warm_mb``).
+
+After every other task on the CPU, once its peak is recorded, a copy of 128 MB measures the
+memory bandwidth of the moment (``copy_gbs``): this VM's memory-bound phases run slower in some
+periods than in others.
 """
 
 from __future__ import annotations
@@ -272,7 +276,22 @@ def run_task(task: Any) -> dict[str, Any]:
     gc.collect()
     if "peak_rss_kb" not in res:  # idle, or a task that failed before its peak was marked
         _mark_peak(task, res)
+    if task.device == "cpu" and task.question not in ("idle", "idle_warm"):
+        res["copy_gbs"] = round(_copy_bandwidth_gbs(), 1)  # after the peak: not counted
     return res
+
+
+def _copy_bandwidth_gbs() -> float:
+    """The machine's memory bandwidth at this moment, in GB/s (bytes read and written): the
+    best of ten copies of 128 MB, four times the L3 cache of the benchmark VM."""
+    source = torch.ones(2**25)
+    target = torch.empty_like(source)
+    best = math.inf
+    for _ in range(10):
+        start = time.perf_counter()
+        target.copy_(source)
+        best = min(best, time.perf_counter() - start)
+    return 2 * source.numel() * source.element_size() / best / 1e9
 
 
 def _warm_up_all(task: Any) -> None:
