@@ -15,9 +15,10 @@ per-sample weights) and builds the rows' gradients by broadcasting. The gradient
   (``optimizer.zero_grad(set_to_none=False)``) the rows are added into it in place, which
   spares zero-filling a fresh gradient of the full size every step.
 
-In half precision and under autocast, and in compiled, traced or exported graphs, the rows are
-gathered and multiplied by ``baddbmm`` under plain autograd instead: every path of the head then
-rounds alike, and every op has a derivative and an export rule. Large work tensors are reused
+In half precision and under autocast, in compiled, traced or exported graphs, and under
+``torch.func`` transforms, the rows are gathered and multiplied by ``baddbmm`` under plain
+autograd instead: every path of the head then rounds alike, and every op has a derivative and an
+export rule. Large work tensors are reused
 across steps on the CPU (:mod:`hsoftmax.recycling`).
 """
 from __future__ import annotations
@@ -42,8 +43,13 @@ _PER_SAMPLE_DOTS = getattr(torch.ops.aten, "_embedding_bag_per_sample_weights_ba
 
 
 def _eager() -> bool:
-    """Whether ops without a derivative or export rule may run (not compiling, not tracing)."""
-    return not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+    """Whether ops without a derivative or export rule may run: not compiling, not tracing, and
+    no ``torch.func`` transform (which needs a ``setup_context``, slower on every call)."""
+    return not (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch._C._are_functorch_transforms_active()
+    )
 
 
 def _gathered_logits(weight: Tensor, bias: Tensor, hidden: Tensor, nodes: Tensor) -> Tensor:
@@ -139,15 +145,17 @@ def _dense_gradient(parameter: Tensor, index: Tensor, rows: Tensor) -> Tensor:
 class _NodeLogits(torch.autograd.Function):
     @staticmethod
     def forward(
-        weight: Tensor, bias: Tensor, hidden: Tensor, nodes: Tensor, slots: _Slots, sparse: bool
+        ctx: Any,
+        weight: Tensor,
+        bias: Tensor,
+        hidden: Tensor,
+        nodes: Tensor,
+        slots: _Slots,
+        sparse: bool,
     ) -> Tensor:
-        return _dot_logits(weight, bias, hidden, nodes, slots)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        weight, bias, hidden, nodes, slots, sparse = inputs
         ctx.save_for_backward(weight, hidden, nodes)  # weight: autograd checks its version
         ctx.slots, ctx.bias, ctx.sparse = slots, bias, sparse  # bias: only its .grad is read
+        return _dot_logits(weight, bias, hidden, nodes, slots)
 
     @staticmethod
     @once_differentiable

@@ -83,3 +83,20 @@ def test_a_non_contiguous_weight_gives_the_same_values_and_gradients() -> None:
     torch.testing.assert_close(logits, _plain(weight, bias, hidden, nodes))
     logits.backward(upstream)
     torch.testing.assert_close(strided.grad, weight.grad)
+
+
+def test_torch_func_transforms_take_the_gathered_path() -> None:
+    """``torch.func.grad`` and ``vmap`` work (the custom autograd Function does not support
+    them) and give plain autograd's values and gradients."""
+    weight, bias, hidden, nodes = _inputs(2)
+    upstream = torch.randn(6, 2, 3, dtype=torch.float64)
+
+    def loss(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return (node_logits(w, bias, h, nodes) * upstream).sum()
+
+    grad_weight, grad_hidden = torch.func.grad(loss, argnums=(0, 1))(weight, hidden)
+    (_plain(weight, bias, hidden, nodes) * upstream).sum().backward()
+    torch.testing.assert_close(grad_weight, weight.grad)
+    torch.testing.assert_close(grad_hidden, hidden.grad)
+    per_row = torch.func.vmap(lambda h, n: node_logits(weight, bias, h[None], n[None])[0])
+    torch.testing.assert_close(per_row(hidden, nodes), _plain(weight, bias, hidden, nodes))
