@@ -64,6 +64,9 @@ COLUMNS = (
     "runs",
     "ratio_vs_flat",
     "ratio_vs_gather_bmm",
+    "ratio_vs_flat_range",
+    "q25_ms",
+    "q75_ms",
     "peak_rss_mb",
     "idle_rss_mb",
     "peak_rss_warm_mb",
@@ -527,7 +530,9 @@ def _row(
         times = [x for r in ok for x in r.get("times", [])]
         if times:
             row["time_ms"] = round(1e3 * _quantile(times, 0.5), 4)
-            row["iqr_ms"] = round(1e3 * (_quantile(times, 0.75) - _quantile(times, 0.25)), 4)
+            row["q25_ms"] = round(1e3 * _quantile(times, 0.25), 4)
+            row["q75_ms"] = round(1e3 * _quantile(times, 0.75), 4)
+            row["iqr_ms"] = round(row["q75_ms"] - row["q25_ms"], 4)
             row["runs"] = len(times)
         peaks = [r["peak_rss_kb"] for r in ok if r.get("peak_rss_kb")]
         if peaks and idle_kb and opts.isolation == "question":
@@ -572,7 +577,9 @@ def add_ratios(rows: Sequence[dict[str, Any]]) -> None:
     """Fill ``ratio_vs_flat`` and ``ratio_vs_gather_bmm`` (reference value / this value).
 
     Time questions compare ``time_ms``; memory questions ``peak_rss_mb`` (or ``peak_cuda_mb``);
-    ``params`` compares parameter counts. Above 1 means this method is cheaper.
+    ``params`` compares parameter counts. Above 1 means this method is cheaper. Time questions
+    also get ``ratio_vs_flat_range``: flat's first quartile over this method's third, to flat's
+    third over this method's first (how far the ratio moves within the runs' spread).
     """
     for row in rows:
         for ref_method, col in (("flat", "ratio_vs_flat"), ("gather_bmm", "ratio_vs_gather_bmm")):
@@ -589,6 +596,11 @@ def add_ratios(rows: Sequence[dict[str, Any]]) -> None:
             a, b = ref.get(metric), row.get(metric)
             if a not in ("", None) and b not in ("", None) and float(b) > 0:
                 row[col] = round(float(a) / float(b), 2)
+            quartiles = [ref.get("q25_ms"), ref.get("q75_ms"), row.get("q25_ms"), row.get("q75_ms")]
+            if ref_method == "flat" and metric == "time_ms" and all(quartiles):
+                # the ratio's spread: flat's quartiles against this method's, crossed
+                ref_q25, ref_q75, q25, q75 = (float(q) for q in quartiles)  # type: ignore[arg-type]
+                row["ratio_vs_flat_range"] = f"{ref_q25 / q75:.2f}-{ref_q75 / q25:.2f}"
 
 
 # --------------------------------------------------------------------------- CSV

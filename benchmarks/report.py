@@ -325,11 +325,18 @@ def summary(tables: dict[str, list[Row]], title: str) -> str:
             continue
         met = x >= t.bound if t.at_least else x <= t.bound
         shown = f"{x:.2f}x" if column.startswith("ratio") else _fmt(str(x))
+        if column == "ratio_vs_flat" and r.get("ratio_vs_flat_range"):
+            shown += f" (quartiles {r['ratio_vs_flat_range']}x)"
         if column == "peak_cuda_mb":
             shown += " (CUDA)"
         source = f"{t.csv}, {r['date'][:10]}, `{r['commit']}`"  # the code that was measured
         lines.append(f"| {t.what} ({int(r['classes']):,} classes) | `{t.method}` | {shown} | "
                      f"{required} | {'yes' if met else '**no**'} | {source} |")
+    if any(r.get("ratio_vs_flat_range") for rs in tables.values() for r in rs):
+        lines += ["", "Quartiles: the flat head's first quartile over the method's third, to its "
+                  "third over the method's first, from the same runs: where the ratio lands "
+                  "within the timings' spread. A target inside that range is met only as far "
+                  "as this machine's noise allows."]
     return "\n".join([*lines, *_cold_memory_cap(tables.get("memory", []))]) + "\n"
 
 
