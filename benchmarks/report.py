@@ -343,17 +343,19 @@ def summary(tables: dict[str, list[Row]], title: str) -> str:
 def _cold_memory_cap(rows: Sequence[Row]) -> list[str]:
     """Why the memory ratio against the cold baseline has a ceiling: the runtime pages that any
     step touches count against every method, on top of the unavoidable AdamW state."""
-    flat = _find([r for r in rows if r["question"] == "memory_train"], "flat", "adamw_fused",
-                 None if not rows else int(rows[0]["classes"]))
-    head = _find([r for r in rows if r["question"] == "memory_train"], "hsoftmax",
-                 "adamw_fused", None if not flat else int(flat["classes"]))
+    train = [r for r in rows if r["question"] == "memory_train"]
+    if not train:
+        return []
+    classes = int(train[0]["classes"])
+    flat, head = (_find(train, method, "adamw_fused", classes) for method in ("flat", "hsoftmax"))
     values = [_f(r.get(c, "")) for r, c in ((flat, "peak_rss_mb"), (head, "params"),
                                             (flat, "idle_rss_mb"), (flat, "warm_idle_rss_mb"))]
     if any(v is None for v in values):
         return []
     flat_peak, params, idle, warm_idle = values  # type: ignore[misc]
     runtime = warm_idle - idle
-    state, lazy = params * 16 / 2**20, params * 12 / 2**20  # fp32 weights, grads?, 2 moments
+    # float32: weight, gradient and two moments take 16 bytes a parameter, 12 without gradient
+    state, lazy = params * 16 / 2**20, params * 12 / 2**20
     return ["", f"The cold baseline charges every method the {runtime:.0f} MB of runtime pages "
             f"that any training step touches (warm idle minus idle worker). With them, a head "
             f"of {params / 1e6:.2f}M parameters, whose weights, gradients and two AdamW "
