@@ -18,8 +18,7 @@ per-sample weights) and builds the rows' gradients by broadcasting. The gradient
 In half precision and under autocast, in compiled, traced or exported graphs, and under
 ``torch.func`` transforms, the rows are gathered and multiplied by ``baddbmm`` under plain
 autograd instead: every path of the head then rounds alike, and every op has a derivative and an
-export rule. Large work tensors are reused
-across steps on the CPU (:mod:`hsoftmax.recycling`).
+export rule. Large work tensors are reused across steps on the CPU (:mod:`hsoftmax.recycling`).
 """
 from __future__ import annotations
 
