@@ -232,6 +232,9 @@ class Target:
     at_least: bool  # True: measured >= bound; False: measured <= bound
     classes: int | None = None  # None: the preset's main head
 
+    def met(self, value: float) -> bool:
+        return value >= self.bound if self.at_least else value <= self.bound
+
 
 TARGETS = (
     Target("train step vs flat", "train", "train", "hsoftmax", "adamw_fused",
@@ -272,6 +275,29 @@ def _find(rows: Sequence[Row], method: str, variant: str, classes: int | None) -
     return hit[0] if hit else {}
 
 
+def measured(t: Target, tables: dict[str, list[Row]]) -> tuple[Row, str, float | None]:
+    """The row that ``t`` reads (empty when not measured), the column it reads (the GPU's
+    memory on CUDA) and the value there (``None`` when missing, or not defined on CUDA)."""
+    rows = tables.get(t.csv, [])
+    classes = t.classes
+    if classes is None:  # the preset's main head: the size the flat head ran at
+        mains = [r for r in rows if r["question"] == t.question and r["method"] == "flat"]
+        classes = int(mains[0]["classes"]) if mains else None
+    r = _find([x for x in rows if x["question"] == t.question], t.method, t.variant, classes)
+    column = t.column
+    if r.get("device") == "cuda" and column == "peak_rss_mb":
+        column = "peak_cuda_mb"
+    if not r or (r["device"] == "cuda" and column.startswith("ratio:")):
+        return r, column, None
+    if not column.startswith("ratio:"):
+        return r, column, _f(r.get(column, ""))
+    col = column.split(":", 1)[1]  # a ratio against flat computed here
+    flat = [f for f in rows if f["question"] == t.question and f["method"] == "flat"
+            and f["classes"] == r["classes"]]
+    a, b = (_f(flat[0].get(col, "")) if flat else None), _f(r.get(col, ""))
+    return r, column, a / b if a and b else None
+
+
 def summary(tables: dict[str, list[Row]], title: str) -> str:
     """The targets of issue 3 against the measured values."""
     first = next((rs[0] for rs in tables.values() if rs), None)
@@ -290,40 +316,22 @@ def summary(tables: dict[str, list[Row]], title: str) -> str:
              "| target | method | measured | required | met | source |",
              "|---|---|---|---|---|---|"]
     for t in TARGETS:
-        rows = tables.get(t.csv, [])
-        main = None
-        if t.classes is None:
-            mains = [r for r in rows if r["question"] == t.question and r["method"] == "flat"]
-            main = int(mains[0]["classes"]) if mains else None
-        classes = t.classes or main
-        r = _find([x for x in rows if x["question"] == t.question], t.method, t.variant, classes)
         required = f"{'>=' if t.at_least else '<='} {t.bound:g}"
         if t.column.startswith("ratio"):
             required += "x"
+        r, column, x = measured(t, tables)
         if not r:
             lines.append(f"| {t.what} | `{t.method}` | not measured | {required} | - | "
                          f"{t.csv} |")
             continue
-        column = t.column
-        if r["device"] == "cuda" and column == "peak_rss_mb":
-            column = "peak_cuda_mb"
         if r["device"] == "cuda" and column.startswith("ratio:"):
             lines.append(f"| {t.what} | `{t.method}` | n/a on CUDA | {required} | - | "
                          f"{t.csv} |")
             continue
-        if column.startswith("ratio:"):  # a ratio against flat computed here
-            col = column.split(":", 1)[1]
-            flat = [f for f in rows if f["question"] == t.question and f["method"] == "flat"
-                    and f["classes"] == r["classes"]]
-            a, b = (_f(flat[0].get(col, "")) if flat else None), _f(r.get(col, ""))
-            x = a / b if a and b else None
-        else:
-            x = _f(r[column])
         if x is None:
             why = r["skip_reason"] or "no value"
             lines.append(f"| {t.what} | `{t.method}` | {why} | {required} | no | {t.csv} |")
             continue
-        met = x >= t.bound if t.at_least else x <= t.bound
         shown = f"{x:.2f}x" if column.startswith("ratio") else _fmt(str(x))
         if column == "ratio_vs_flat" and r.get("ratio_vs_flat_range"):
             shown += f" (quartiles {r['ratio_vs_flat_range']}x)"
@@ -331,7 +339,7 @@ def summary(tables: dict[str, list[Row]], title: str) -> str:
             shown += " (CUDA)"
         source = f"{t.csv}, {r['date'][:10]}, `{r['commit']}`"  # the code that was measured
         lines.append(f"| {t.what} ({int(r['classes']):,} classes) | `{t.method}` | {shown} | "
-                     f"{required} | {'yes' if met else '**no**'} | {source} |")
+                     f"{required} | {'yes' if t.met(x) else '**no**'} | {source} |")
     if any(r.get("ratio_vs_flat_range") for rs in tables.values() for r in rs):
         lines += ["", "Quartiles: the flat head's first quartile over the method's third, to its "
                   "third over the method's first, from the same runs: where the ratio lands "

@@ -8,6 +8,8 @@ the real runs take. The heavy runs live in ``benchmarks/`` and are never run by 
 
 from __future__ import annotations
 
+import csv
+import subprocess
 import sys
 from pathlib import Path
 
@@ -69,3 +71,38 @@ def test_readme_headline_is_the_committed_cpu_results() -> None:
     between = readme.split(report.README_START, 1)[1].split(report.README_END, 1)[0]
     assert between.strip() == report.headline(tables).strip()
     assert "x |" in between  # some ratios were measured
+
+
+def test_history_lists_every_committed_run(tmp_path: Path) -> None:
+    """``history.py`` evaluates a target on each committed version of its CSV, once per run."""
+    history = pytest.importorskip("history")
+    report = pytest.importorskip("report")
+    target = next(t for t in report.TARGETS if t.what == "sparse train step vs flat")
+    csv_path = tmp_path / "benchmarks" / "results" / "train_cpu.csv"
+    csv_path.parent.mkdir(parents=True)
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                       cwd=tmp_path, check=True, capture_output=True)
+
+    def commit_run(code: str, ratio: str, quartiles: str) -> None:
+        rows = [{"question": "train", "method": "flat", "variant": "adamw_fused",
+                 "classes": "80000", "device": "cpu", "commit": code, "date": "2026-11-26T10:00Z",
+                 "time_ms": "1500", "ratio_vs_flat": "1.0"},
+                {"question": "train", "method": "hsoftmax_sparse", "variant": "sparse",
+                 "classes": "80000", "device": "cpu", "commit": code, "date": "2026-11-26T10:00Z",
+                 "time_ms": "10", "ratio_vs_flat": ratio, "ratio_vs_flat_range": quartiles}]
+        with open(csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[1]))
+            writer.writeheader()
+            writer.writerows(rows)
+        git("add", "-A")
+        git("commit", "-q", "-m", code)
+
+    git("init", "-q")
+    commit_run("aaa", "140.0", "")
+    commit_run("bbb", "160.5", "150.1-170.2")
+    lines = [line for line in history.history(target, "cpu", tmp_path) if line.startswith("| `")]
+    assert [line.split("|")[1].strip() for line in lines] == ["`bbb`", "`aaa`"]  # newest first
+    assert "160.50x" in lines[0] and "150.1-170.2" in lines[0] and "| yes |" in lines[0]
+    assert "140.00x" in lines[1] and "| **no** |" in lines[1]
