@@ -32,8 +32,14 @@ from torch.utils import benchmark  # noqa: E402
 import hsoftmax  # noqa: E402
 
 N_TOP, N_BOTTOM, HIDDEN, BATCH, SETS = 1000, 80, 128, 256, 8
-ADAMW = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.0, "eps": 1e-8,
-         "amsgrad": False, "maximize": False}
+
+
+def _fused_adamw(weights: list[torch.Tensor], grads: list[torch.Tensor],
+                 exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
+                 steps: list[torch.Tensor]) -> None:
+    """Torch's fused AdamW kernel, with SparseRowAdamW's defaults."""
+    torch._fused_adamw_(weights, grads, exp_avgs, exp_avg_sqs, [], steps, lr=1e-3, beta1=0.9,
+                        beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False)
 
 
 def _cycling(calls: list[Callable[[], None]]) -> Callable[[], None]:
@@ -72,13 +78,11 @@ def main() -> Path:
         lists = [[t.detach()[i] for i in rows.tolist()] for t in (weight, *moments)]
         row_grads = list(values.unbind(0))
         steps = [torch.tensor(1.0)] * len(row_grads)
-        return lambda: torch._fused_adamw_(lists[0], row_grads, lists[1], lists[2], [], steps,
-                                           **ADAMW)
+        return lambda: _fused_adamw(lists[0], row_grads, lists[1], lists[2], steps)
 
     def block(rows: torch.Tensor) -> Callable[[], None]:
-        tensors = [torch.randn(len(rows), N_BOTTOM, HIDDEN).abs() for _ in range(4)]
-        return lambda: torch._fused_adamw_(*([t] for t in tensors), [], [torch.tensor(1.0)],
-                                           **ADAMW)
+        w, g, m, v = ([torch.randn(len(rows), N_BOTTOM, HIDDEN).abs()] for _ in range(4))
+        return lambda: _fused_adamw(w, g, m, v, [torch.tensor(1.0)])
 
     cases = {
         "SparseRowAdamW.step": _cycling([step(g) for _, _, g in grads]),

@@ -356,11 +356,12 @@ def _cold_memory_cap(rows: Sequence[Row]) -> list[str]:
         return []
     classes = int(train[0]["classes"])
     flat, head = (_find(train, method, "adamw_fused", classes) for method in ("flat", "hsoftmax"))
-    values = [_f(r.get(c, "")) for r, c in ((flat, "peak_rss_mb"), (head, "params"),
-                                            (flat, "idle_rss_mb"), (flat, "warm_idle_rss_mb"))]
-    if any(v is None for v in values):
+    found = [_f(r.get(c, "")) for r, c in ((flat, "peak_rss_mb"), (head, "params"),
+                                           (flat, "idle_rss_mb"), (flat, "warm_idle_rss_mb"))]
+    values = [v for v in found if v is not None]
+    if len(values) < len(found):
         return []
-    flat_peak, params, idle, warm_idle = values  # type: ignore[misc]
+    flat_peak, params, idle, warm_idle = values
     runtime = warm_idle - idle
     # float32: weight, gradient and two moments take 16 bytes a parameter, 12 without gradient
     state, lazy = params * 16 / 2**20, params * 12 / 2**20
