@@ -133,7 +133,8 @@ class Flat(Method):
 
     def __init__(self, shape: HeadShape, device: Any = None, dtype: Any = None) -> None:
         super().__init__()
-        self.fc = nn.Linear(shape.in_features, shape.classes, device=device, dtype=dtype)
+        self.fc: nn.Module = nn.Linear(shape.in_features, shape.classes, device=device,
+                                       dtype=dtype)
 
     def loss(self, x: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(self.fc(x), y)
@@ -221,6 +222,7 @@ class GatherBmm(Method):
         "topk": "log_probs(x).topk(k) (brute force)",
         "predict": "top-1 routing: argmax node, then bmm with W_bottom[node]",
     }
+    mask: Tensor
 
     def __init__(self, shape: HeadShape, device: Any = None, dtype: Any = None) -> None:
         super().__init__()

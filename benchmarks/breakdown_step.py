@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -30,7 +31,7 @@ from torch.utils import benchmark  # noqa: E402
 from worker import _batches, _build  # noqa: E402
 
 
-def _phases(model: object, optimizer: object, batches: list, steps: int) -> dict[str, float]:
+def _phases(model: Any, optimizer: Any, batches: list, steps: int) -> dict[str, float]:
     """Median milliseconds of each phase of ``steps`` training steps (after 20 warm-up steps)."""
     optimizers = getattr(optimizer, "opts", (optimizer,))
     names = ["zero_grad", "forward", "backward"]
@@ -40,9 +41,9 @@ def _phases(model: object, optimizer: object, batches: list, steps: int) -> dict
     for i in range(steps + 20):
         x, y = batches[i % len(batches)]
         marks = [clock()]
-        optimizer.zero_grad(set_to_none=True)  # type: ignore[attr-defined]
+        optimizer.zero_grad(set_to_none=True)
         marks.append(clock())
-        loss = model.loss(x, y)  # type: ignore[attr-defined]
+        loss = model.loss(x, y)
         marks.append(clock())
         loss.backward()
         marks.append(clock())

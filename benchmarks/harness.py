@@ -599,7 +599,7 @@ def add_ratios(rows: Sequence[dict[str, Any]]) -> None:
             quartiles = [ref.get("q25_ms"), ref.get("q75_ms"), row.get("q25_ms"), row.get("q75_ms")]
             if ref_method == "flat" and metric == "time_ms" and all(quartiles):
                 # the ratio's spread: flat's quartiles against this method's, crossed
-                ref_q25, ref_q75, q25, q75 = (float(q) for q in quartiles)  # type: ignore[arg-type]
+                ref_q25, ref_q75, q25, q75 = (float(q) for q in quartiles)
                 row["ratio_vs_flat_range"] = f"{ref_q25 / q75:.2f}-{ref_q75 / q25:.2f}"
 
 

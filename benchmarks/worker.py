@@ -42,7 +42,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 HERE = Path(__file__).resolve().parent
 for p in (str(HERE), str(HERE.parent)):
@@ -250,7 +250,7 @@ def _train_before_topk(m: Method, task: Any, batches: list[Any], res: dict[str, 
     for _ in range(len(batches)):
         step()
     with torch.no_grad():
-        top = m.head(batches[0][0]).top_logits.softmax(-1).max(-1).values.median().item()
+        top = cast(Any, m).head(batches[0][0]).top_logits.softmax(-1).max(-1).values.median().item()
     res["notes"].append(
         f"trained {len(batches)} AdamW steps on structured synthetic data; "
         f"median top-node probability {top:.2f}"

@@ -368,7 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for label, kind, slots in plans:
         if label == "hier clustered":
-            weight = models["flat"].head.weight.detach()
+            flat_head = models["flat"].head
+            assert isinstance(flat_head, nn.Linear)
+            weight = flat_head.weight.detach()
             slots = hsoftmax.slots_from_embeddings(weight, *shape, normalize=True, seed=args.seed)
         model = make(kind, slots)
         train_s = train(model, corpus, args, label)

@@ -253,7 +253,7 @@ def train_and_eval(name: str, head: nn.Module, cfg: Config, data: Data) -> Resul
     head.eval()
     start = time.perf_counter()
     metrics = evaluate(head, data.x_test, data.y_test, ks=(1, 5), batch_size=1024)
-    if hierarchical:
+    if isinstance(head, hsoftmax.HierarchicalSoftmax):
         with torch.no_grad():
             routed = torch.cat([head.predict(x) for x in data.x_test.split(4096)])
         routed_top1 = float((routed == data.y_test).double().mean())
