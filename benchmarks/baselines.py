@@ -1,38 +1,32 @@
-"""Baseline heads for the benchmark suite, and a thin adapter around hsoftmax's head.
+"""The heads the benchmarks compare, each behind one small interface (:class:`Method`).
 
-Every method exposes the same small interface (a :class:`Method`):
-
-- ``loss(x, y)``: the scalar mean training loss (cross-entropy or its exact hierarchical form);
-- ``log_probs(x)``: exact log-probabilities of all ``num_classes`` classes, ``(B, C)``;
-- ``topk(x, k)``: ``(values, indices)`` of the exact top-k classes by log-probability;
-- ``predict(x)``: one class id per sample. For the flat heads and the adaptive softmax this is the
-  exact argmax; for the two-level heads it is *top-1 routing* (argmax node, then argmax slot in
-  it), which is cheaper but not always the most probable class.
-
-Nothing is "n/a": every method can answer every question, but some answer it the only way they
-can (brute force). ``Method.notes`` says how each answer is computed; the benchmark copies it into
-the CSV.
+- ``loss(x, y)``: the mean training loss; ``log_probs(x)``: exact log-probabilities of all
+  classes; ``topk(x, k)``: the exact top-k; ``predict(x)``: the exact argmax for the flat heads
+  and the adaptive softmax, *top-1 routing* (argmax node, then argmax slot) for the two-level
+  heads. ``Method.notes`` says how each answer is computed; the CSV copies it.
 
 Baselines:
 
-- ``flat``: ``nn.Linear(in_features, C)`` + cross-entropy (143.4M parameters at PlantCLEF size).
-- ``flat_bottleneck``: ``Linear(in_features, hidden) -> ReLU -> Linear(hidden, C)``, the flat
-  softmax on the same bottleneck as the hierarchical head (about the same parameter count: the
-  parameter saving of the hierarchical head comes from the bottleneck, not the hierarchy).
-- ``adaptive``: ``nn.AdaptiveLogSoftmaxWithLoss(in_features, C, cutoffs, div_value=4.0)`` on the
-  raw features, with cutoffs at 2.5%, 12.5% and 50% of the classes (80k classes: head of 2,000
-  classes, tails of 8,000, 30,000 and 40,000 with projections 448, 112 and 28). Labels in the
-  benchmark are uniform, which is the adaptive softmax's worst case: it is built for Zipfian
-  frequencies, and most samples here fall in a tail cluster.
-- ``gather_bmm``: a plain two-level hierarchical softmax as in the paper's code: the gold node's
-  bottom weights are fetched with advanced indexing ``W[node]`` (a ``(B, hidden, n_bottom)`` copy)
-  and multiplied with ``torch.bmm``; dense ``W_bottom`` gradient. Exact log-probs by one einsum
-  over all nodes, exact top-k by brute force on those.
+- ``flat``: ``nn.Linear(in_features, C)`` + ``F.cross_entropy`` (143.4M parameters at 80k).
+- ``linear_ce``: the same weights trained with torch's chunked ``F.linear_cross_entropy``
+  (``options=nn.LinearCrossEntropyOptions()``), which never builds the full ``(B, C)`` logits;
+  inference as ``flat``. Needs torch >= 2.13: on older versions its rows say so and skip.
+- ``flat_bottleneck``: ``Linear(in, hidden) -> ReLU -> Linear(hidden, C)``, the flat softmax on
+  the same bottleneck as the hierarchical head (about the same parameter count: the parameter
+  saving of the hierarchical head comes from the bottleneck, not the hierarchy).
+- ``adaptive``: ``nn.AdaptiveLogSoftmaxWithLoss`` (cutoffs at 2.5%, 12.5% and 50% of C,
+  div_value=4). Uniform labels are its worst case: it is built for Zipfian frequencies.
+- ``gather_bmm``: a plain two-level softmax as in the paper's code: ``W_bottom[node]`` advanced
+  indexing + ``torch.bmm``, dense gradients; log-probs by one einsum, top-k by brute force.
 
-Our head (``hsoftmax`` / ``hsoftmax_sparse``) is wrapped by :class:`HSoftmaxMethod`, which only
-calls the public API: ``HierarchicalSoftmax``, ``HierarchicalCrossEntropy``, ``head.log_probs``,
-``head.topk``, ``head.predict``.
+Ours, through the public API only (``HierarchicalSoftmax``, ``HierarchicalCrossEntropy``,
+``head.log_probs/topk/predict``, ``split_parameters``, ``SparseRowAdamW``):
+
+- ``hsoftmax``: the dense head; ``hsoftmax_sparse``: ``sparse=True`` with ``SparseRowAdamW``;
+- ``hsoftmax_reference``: the dense head with the reference path forced
+  (``HSOFTMAX_REFERENCE=1`` in its worker, ``hsoftmax.use_reference_path(True)`` in-process).
 """
+
 
 from __future__ import annotations
 
@@ -46,8 +40,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 #: Names of all methods the suite knows, in the order they appear in tables.
-METHODS = ("flat", "flat_bottleneck", "adaptive", "gather_bmm", "hsoftmax", "hsoftmax_sparse")
-BASELINES = ("flat", "flat_bottleneck", "adaptive", "gather_bmm")
+METHODS = (
+    "flat", "linear_ce", "flat_bottleneck", "adaptive", "gather_bmm",
+    "hsoftmax", "hsoftmax_sparse", "hsoftmax_reference",
+)
+#: Methods whose inference is another method's (timed once, under that name).
+TRAIN_ONLY = ("linear_ce", "hsoftmax_sparse")
 
 
 @dataclass(frozen=True)
@@ -147,6 +145,35 @@ class Flat(Method):
 
     def predict(self, x: Tensor) -> Tensor:
         return self.fc(x).argmax(dim=-1)
+
+
+def linear_ce_available() -> tuple[bool, str]:
+    """Whether this torch has the chunked ``F.linear_cross_entropy`` (torch >= 2.13)."""
+    if hasattr(F, "linear_cross_entropy") and hasattr(nn, "LinearCrossEntropyOptions"):
+        return True, ""
+    return False, f"torch {torch.__version__} has no F.linear_cross_entropy (torch >= 2.13)"
+
+
+class LinearCE(Flat):
+    """``nn.Linear(in_features, C)`` trained with the chunked ``F.linear_cross_entropy``."""
+
+    name = "linear_ce"
+    notes = {  # noqa: RUF012
+        **Flat.notes,
+        "train": "F.linear_cross_entropy(x, W, y, linear_bias=b, "
+                 "options=nn.LinearCrossEntropyOptions()) (chunked, default options)",
+    }
+
+    def __init__(self, shape: HeadShape, device: Any = None, dtype: Any = None) -> None:
+        super().__init__(shape, device, dtype)
+        self.options = getattr(nn, "LinearCrossEntropyOptions")()  # noqa: B009 (torch < 2.13)
+
+    def loss(self, x: Tensor, y: Tensor) -> Tensor:
+        fc = self.fc
+        assert isinstance(fc, nn.Linear)
+        return getattr(F, "linear_cross_entropy")(  # noqa: B009 (absent before torch 2.13)
+            x, fc.weight, y, linear_bias=fc.bias, options=self.options
+        )
 
 
 class FlatBottleneck(Flat):
@@ -279,18 +306,18 @@ class GatherBmm(Method):
 # --------------------------------------------------------------------------- our head
 
 
-def hsoftmax_available() -> tuple[bool, str]:
-    """Whether ``hsoftmax.HierarchicalSoftmax`` and ``HierarchicalCrossEntropy`` import."""
+def hsoftmax_available(reference: bool = False) -> tuple[bool, str]:
+    """Whether the public API this benchmark uses imports (and, with ``reference``, the switch
+    ``hsoftmax.use_reference_path``)."""
     try:
         import hsoftmax
-
-        names = ("HierarchicalSoftmax", "HierarchicalCrossEntropy")
-        missing = [n for n in names if not hasattr(hsoftmax, n)]
     except Exception as exc:  # pragma: no cover - depends on the working tree
         return False, f"import hsoftmax failed: {exc!r}"
-    if missing:
-        return False, f"hsoftmax has no {', '.join(missing)} yet"
-    return True, ""
+    names = ["HierarchicalSoftmax", "HierarchicalCrossEntropy"]
+    if reference:
+        names.append("use_reference_path")
+    missing = [n for n in names if not hasattr(hsoftmax, n)]
+    return (False, f"hsoftmax has no {', '.join(missing)} yet") if missing else (True, "")
 
 
 class HSoftmaxMethod(Method):
@@ -314,8 +341,7 @@ class HSoftmaxMethod(Method):
         if shape.num_classes is not None and shape.num_classes != shape.n_top * shape.n_bottom:
             kwargs["num_classes"] = shape.num_classes
         if sparse:
-            kwargs["sparse"] = True  # raises TypeError on a head without the sparse path
-            self.name = "hsoftmax_sparse"
+            kwargs["sparse"] = True
             self.notes = {**self.notes, "train": "HierarchicalSoftmax(sparse=True), sparse grads"}
         self.head = hsoftmax.HierarchicalSoftmax(
             shape.in_features, shape.n_top, shape.n_bottom, shape.hidden, **kwargs
@@ -340,10 +366,7 @@ class HSoftmaxMethod(Method):
             return []
         import hsoftmax
 
-        split = getattr(hsoftmax, "split_parameters", None)
-        if callable(split):  # the documented way: (dense, sparse) = split_parameters(model)
-            return list(split(self.head)[1])
-        return [p for n, p in self.head.named_parameters() if n.startswith("bottom_")]
+        return list(hsoftmax.split_parameters(self.head)[1])
 
     def dense_parameters(self) -> Iterator[nn.Parameter]:
         sparse_ids = {id(p) for p in self.sparse_parameters()}
@@ -356,46 +379,32 @@ class HSoftmaxMethod(Method):
 def build_method(name: str, shape: HeadShape, device: Any = None, dtype: Any = None) -> Method:
     """Build the method ``name`` (one of :data:`METHODS`) at ``shape``.
 
-    Raises:
-        ValueError: for an unknown name.
-        TypeError: for ``hsoftmax_sparse`` when the head has no ``sparse`` option yet.
+    ``hsoftmax_reference`` builds the dense head; the caller forces the reference path.
     """
-    if name == "flat":
-        return Flat(shape, device, dtype)
-    if name == "flat_bottleneck":
-        return FlatBottleneck(shape, device, dtype)
-    if name == "adaptive":
-        return Adaptive(shape, device, dtype)
-    if name == "gather_bmm":
-        return GatherBmm(shape, device, dtype)
-    if name == "hsoftmax":
-        return HSoftmaxMethod(shape, device, dtype)
+    classes: dict[str, type[Method]] = {
+        "flat": Flat, "linear_ce": LinearCE, "flat_bottleneck": FlatBottleneck,
+        "adaptive": Adaptive, "gather_bmm": GatherBmm,
+    }
+    if name in classes:
+        return classes[name](shape, device, dtype)
+    if name in ("hsoftmax", "hsoftmax_reference"):
+        m = HSoftmaxMethod(shape, device, dtype)
+        m.name = name
+        return m
     if name == "hsoftmax_sparse":
-        return HSoftmaxMethod(shape, device, dtype, sparse=True)
+        m = HSoftmaxMethod(shape, device, dtype, sparse=True)
+        m.name = name
+        return m
     raise ValueError(f"expected a method in {METHODS}, got {name!r}")
 
 
-#: Optimizer variants. ``sparse``: the optimizer hsoftmax documents for sparse gradients
-#: (``hsoftmax.SparseRowAdamW``; ``torch.optim.SparseAdam`` where hsoftmax has none) on the sparse
-#: parameters and fused AdamW on the rest; ``sparseadam``: ``torch.optim.SparseAdam`` instead.
-OPTIMIZERS = ("adamw_fused", "adamw_fused_keep", "adamw", "sparse", "sparseadam")
-
-
-def sparse_optimizer_name(kind: str) -> str:
-    """The class used for the sparse parameters by optimizer variant ``kind``."""
-    if kind == "sparse":
-        try:
-            import hsoftmax
-
-            if hasattr(hsoftmax, "SparseRowAdamW"):
-                return "hsoftmax.SparseRowAdamW"
-        except Exception:  # pragma: no cover
-            pass
-    return "torch.optim.SparseAdam"
+def train_variant(method: str) -> str:
+    """The optimizer a method trains with: ``sparse`` for the sparse head, else ``adamw_fused``."""
+    return "sparse" if method == "hsoftmax_sparse" else "adamw_fused"
 
 
 class _Chain:
-    """Several optimizers stepped together (SparseAdam for the sparse part, AdamW for the rest)."""
+    """Several optimizers stepped together (the sparse rows' and the dense rest's)."""
 
     def __init__(self, *opts: torch.optim.Optimizer) -> None:
         self.opts = opts
@@ -410,35 +419,20 @@ class _Chain:
 
 
 def make_optimizer(method: Method, kind: str, lr: float = 1e-3) -> Any:
-    """The optimizer ``kind`` (one of :data:`OPTIMIZERS`) for ``method``'s parameters.
-
-    ``adamw_fused`` is ``torch.optim.AdamW(fused=True)``; ``adamw_fused_keep`` is the same (the
-    benchmark then keeps the gradients between steps, ``zero_grad(set_to_none=False)``, as
-    hsoftmax's README advises); ``adamw`` is AdamW with torch's default implementation for the
-    device (the per-tensor loop on CPU, foreach on CUDA); ``sparse`` is
-    ``hsoftmax.SparseRowAdamW`` (``torch.optim.SparseAdam`` where hsoftmax has none) on
-    :meth:`Method.sparse_parameters` and fused AdamW on the others; ``sparseadam`` uses
-    ``torch.optim.SparseAdam``.
-    """
-    if kind in ("adamw_fused", "adamw_fused_keep"):
+    """``adamw_fused``: ``torch.optim.AdamW(fused=True)`` on every parameter; ``sparse``:
+    ``hsoftmax.SparseRowAdamW`` on ``split_parameters(head)[1]`` and fused AdamW on the rest."""
+    if kind == "adamw_fused":
         return torch.optim.AdamW(method.parameters(), lr=lr, fused=True)
-    if kind == "adamw":
-        return torch.optim.AdamW(method.parameters(), lr=lr)
-    if kind in ("sparse", "sparseadam"):
+    if kind == "sparse":
+        import hsoftmax
+
         sparse = method.sparse_parameters()
         if not sparse:
             raise ValueError(f"method {method.name!r} has no sparse parameters")
-        if sparse_optimizer_name(kind) == "hsoftmax.SparseRowAdamW":
-            import hsoftmax
-
-            sparse_opt: torch.optim.Optimizer = hsoftmax.SparseRowAdamW(sparse, lr=lr)
-        else:
-            sparse_opt = torch.optim.SparseAdam(sparse, lr=lr)
-        return _Chain(
-            sparse_opt,
-            torch.optim.AdamW(list(method.dense_parameters()), lr=lr, fused=True),
-        )
-    raise ValueError(f"expected an optimizer in {OPTIMIZERS}, got {kind!r}")
+        dense = list(method.dense_parameters())
+        return _Chain(hsoftmax.SparseRowAdamW(sparse, lr=lr),
+                      torch.optim.AdamW(dense, lr=lr, fused=True))
+    raise ValueError(f"expected an optimizer in ('adamw_fused', 'sparse'), got {kind!r}")
 
 
 # --------------------------------------------------------------------------- estimates
@@ -447,7 +441,7 @@ def make_optimizer(method: Method, kind: str, lr: float = 1e-3) -> Any:
 def parameter_count(name: str, shape: HeadShape) -> int:
     """Closed-form parameter count of method ``name`` at ``shape`` (no allocation)."""
     d, h, c = shape.in_features, shape.hidden, shape.classes
-    if name == "flat":
+    if name in ("flat", "linear_ce"):
         return d * c + c
     if name == "flat_bottleneck":
         return d * h + h + h * c + c
@@ -473,6 +467,8 @@ def estimate_train_bytes(name: str, shape: HeadShape, optimizer: str, itemsize: 
     b, c, h = shape.batch, shape.classes, shape.hidden
     if name in ("flat", "flat_bottleneck"):
         act = 4 * b * c
+    elif name == "linear_ce":
+        act = b * c  # chunked: a slice of the logits at a time
     elif name == "adaptive":
         act = 4 * b * max(adaptive_cutoffs(c)[0], c // 2)
     else:
@@ -488,3 +484,10 @@ def estimate_inference_bytes(name: str, shape: HeadShape, itemsize: int = 4) -> 
     """Parameters plus about three ``(B, C)`` tensors (logits, log-probs, a temporary)."""
     n = parameter_count(name, shape)
     return (n + 3 * shape.batch * shape.classes) * itemsize
+
+
+def estimate_bytes(task: str, name: str, shape: HeadShape) -> int:
+    """The estimate for a task: training (``train``) or inference (the others)."""
+    if task == "train":
+        return estimate_train_bytes(name, shape, train_variant(name))
+    return estimate_inference_bytes(name, shape)

@@ -1,13 +1,13 @@
-"""Turn the benchmark CSVs into markdown tables and PNG plots (nothing here is typed by hand).
+"""Turn the benchmark CSVs into markdown tables, plots and the README's headline table.
 
-For every ``<script>_<device>[_<preset>].csv`` in the results folder this writes
-``<same stem>.md`` (one table per question, with the environment the rows came from) and
-``<same stem>.png``; when the train, inference, memory and scaling CSVs of one device and preset
-are all there, also ``summary_<device>[_<preset>].md``: the issue's targets against the measured
-ratios.
+For every ``<suite>_<device>[_<preset>].csv`` in the results folder this writes ``<stem>.md``
+(one table per task, with ratios against flat and gather+bmm computed here) and ``<stem>.png``;
+then ``summary_<device>[_<preset>].md``, the project's targets against the measured ratios; and,
+from the CPU CSVs of the full preset, the table between ``<!-- headline:start -->`` and
+``<!-- headline:end -->`` in the README. Nothing is typed by hand.
 
-    python benchmarks/report.py                       # benchmarks/results
-    python benchmarks/report.py --results benchmarks/results/tmp
+    python benchmarks/report.py                       # benchmarks/results, and the README
+    python benchmarks/report.py --results benchmarks/results/tmp --readme ''
 """
 
 from __future__ import annotations
@@ -21,198 +21,211 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
 
-from harness import read_csv  # noqa: E402
+from harness import quantile, read_csv  # noqa: E402
 
 Row = dict[str, str]
-STEM = re.compile(r"^(train|inference|memory|scaling)_(cpu|cuda)(_\w+)?$")
-METHOD_ORDER = ("flat", "flat_bottleneck", "adaptive", "gather_bmm", "hsoftmax", "hsoftmax_sparse")
-COLORS = {
-    "flat": "#7f7f7f",
-    "flat_bottleneck": "#bcbd22",
-    "adaptive": "#17becf",
-    "gather_bmm": "#ff7f0e",
-    "hsoftmax": "#1f77b4",
-    "hsoftmax_sparse": "#2ca02c",
-}
-QUESTION_TITLES = {
-    "train": "training step (forward + backward + optimizer)",
+SUITES = ("train", "inference", "scaling", "contention")
+STEM = re.compile(rf"^({'|'.join(SUITES)})_(cpu|cuda)(_\w+)?$")
+ORDER = ("flat", "linear_ce", "flat_bottleneck", "adaptive", "gather_bmm", "hsoftmax",
+         "hsoftmax_sparse", "hsoftmax_reference")
+COLORS = {"flat": "#7f7f7f", "linear_ce": "#9467bd", "flat_bottleneck": "#bcbd22",
+          "adaptive": "#17becf", "gather_bmm": "#ff7f0e", "hsoftmax": "#1f77b4",
+          "hsoftmax_sparse": "#2ca02c", "hsoftmax_reference": "#aec7e8"}
+TITLES = {
+    "train": "training step (forward, backward, optimizer)",
     "log_probs": "exact log-probabilities of all classes",
     "topk5": "exact top-5",
-    "topk5_trained": "exact top-5, head trained on structured data",
-    "predict": "predict (argmax; top-1 routing for two-level heads)",
-    "memory_train": "peak training memory (3 steps, fresh process)",
-    "sparse_train": "big heads: training memory and step time",
-    "params": "parameters",
+    "topk5_trained": "exact top-5, hierarchical head trained on structured data",
+    "predict": "predict (argmax; top-1 routing for the two-level heads)",
 }
+README_START, README_END = "<!-- headline:start -->", "<!-- headline:end -->"
 
 
-def _f(v: str) -> float | None:
+def _f(v: str | None) -> float | None:
     try:
-        x = float(v)
-    except (TypeError, ValueError):
+        x = float(v or "")
+    except ValueError:
         return None
     return None if math.isnan(x) else x
 
 
-def _fmt(v: str, digits: int = 3) -> str:
-    x = _f(v)
+def _fmt(x: float | None, unit: str = "") -> str:
     if x is None:
         return ""
-    if x == 0:
-        return "0"
-    if abs(x) >= 100:
-        return f"{x:,.0f}"
-    return f"{x:.{digits}g}"
+    return (f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}") + unit
 
 
-def _order(rows: Sequence[Row]) -> list[Row]:
-    def key(r: Row) -> tuple[int, int, str]:
-        m = METHOD_ORDER.index(r["method"]) if r["method"] in METHOD_ORDER else 99
-        return (int(r["classes"]), m, r["variant"])
+def _label(r: Row) -> str:
+    v = f" ({r['variant']})" if r["variant"] and r["variant"] != "adamw_fused" else ""
+    return f"{r['method']}{v}" + (f", {r['threads']} thread" if r["threads"] == "1" else "")
+
+
+def _sorted(rows: Sequence[Row]) -> list[Row]:
+    def key(r: Row) -> tuple[int, str, int, str, str]:
+        m = ORDER.index(r["method"]) if r["method"] in ORDER else 99
+        return (int(r["classes"]), r["contention"], m, r["variant"], r["threads"])
 
     return sorted(rows, key=key)
 
 
-def _environment(rows: Sequence[Row]) -> str:
+# --------------------------------------------------------------------------- ratios
+
+
+def reference(rows: Sequence[Row], row: Row, method: str) -> Row:
+    """The row of ``method`` answering the same question as ``row``: same task, classes, batch
+    and load; the dense fused-AdamW step for training, the plain call for inference; the same
+    thread count where there is one."""
+    variant = "adamw_fused" if row["task"] == "train" else ""
+    hits = [r for r in rows if r["method"] == method and r["task"] == row["task"]
+            and r["variant"] == variant and r["classes"] == row["classes"]
+            and r["batch"] == row["batch"] and r["contention"] == row["contention"]]
+    same = [r for r in hits if r["threads"] == row["threads"]]
+    return (same or hits or [{}])[0]
+
+
+def ratio(ref: Row, row: Row, column: str = "time_ms") -> float | None:
+    """``ref``'s value over ``row``'s: above 1, ``row`` is faster (or smaller)."""
+    a, b = _f(ref.get(column)), _f(row.get(column))
+    return a / b if a and b else None
+
+
+def ratio_range(ref: Row, row: Row) -> str:
+    """Where the ratio lands within the timings' spread: ``ref``'s first quartile over
+    ``row``'s third, to ``ref``'s third over ``row``'s first."""
+    q = [_f(ref.get("q25_ms")), _f(ref.get("q75_ms")), _f(row.get("q25_ms")),
+         _f(row.get("q75_ms"))]
+    if not all(q):
+        return ""
+    r25, r75, q25, q75 = (float(x or 0) for x in q)
+    return f"{r25 / q75:.2f}-{r75 / q25:.2f}x"
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def environment(rows: Sequence[Row]) -> str:
     r = rows[0]
-    shared = any(x.get("shared_machine") == "True" for x in rows)
-    dates = sorted({x["date"] for x in rows if x.get("date")})
-    span = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}" if dates else "?"
-    lines = [
-        f"- device: {r['device']} ({r['device_name']}), {r['threads']} threads, {r['dtype']}",
-        f"- torch {r['torch']}, hsoftmax {r['hsoftmax']} (commit {r['commit'] or '?'}), {span}",
-        f"- isolation: {r['isolation']} (see benchmarks/README.md), rounds per row: "
-        f"{max((x['rounds'] for x in rows if x['rounds']), default='-')}",
-    ]
-    loads = [float(x["load1"]) for x in rows if _f(x.get("load1", ""))]
-    if loads and r["device"] == "cpu":
-        lines.append(f"- 1-minute load average at task starts: {min(loads):.1f} to "
-                     f"{max(loads):.1f} (the machine has {r['device_name'].split('(')[-1]}")
-    bandwidths = [float(x["copy_gbs"]) for x in rows if _f(x.get("copy_gbs", ""))]
-    if bandwidths:
-        lines.append(f"- memory copy bandwidth after the tasks (128 MB, best of 10, lowest over "
-                     f"rounds): {min(bandwidths):.0f} to {max(bandwidths):.0f} GB/s")
-    if shared:
-        lines.append("- taken on a shared machine: other jobs were running; treat absolute "
-                     "times with care, ratios are from the same interleaved rounds")
+    dates = sorted({x["date"] for x in rows if x["date"]})
+    commits = sorted({x["commit"] for x in rows if x["commit"]})
+    lines = [f"- {r['device']} ({r['device_name']}), {r['dtype']}, torch {r['torch']}, "
+             f"threads {', '.join(sorted({x['threads'] for x in rows}))}",
+             f"- {dates[0] if dates else '?'}"
+             + (f" to {dates[-1]}" if len(dates) > 1 else "")
+             + f", commit {', '.join(commits) or '?'}"]
+    if any("shared" in x["contention"] for x in rows):
+        lines.append("- **taken on a shared machine** (other jobs running): times are "
+                     "distorted; ratios come from the same interleaved rounds")
     return "\n".join(lines)
 
 
-def table(rows: Sequence[Row], question: str) -> str:
-    """A markdown table of one question's rows."""
-    memory = question in ("memory_train", "sparse_train")
-    head = ["method", "variant", "classes", "params (M)"]
-    if question != "params":
-        head += ["time (ms)", "IQR (ms)", "runs"]
-    if memory:
-        head += ["peak RSS (MB)", "peak RSS, warm baseline (MB)", "peak CUDA (MB)",
-                 "estimate (MB)"]
-    head += ["vs flat", "vs gather_bmm"]
-    if question not in ("params",) and not memory:
-        head += ["peak RSS (MB)", "verified"]
-    head += ["note"]
+def table(rows: Sequence[Row], all_rows: Sequence[Row]) -> str:
+    head = ["method", "classes", "load", "time (ms)", "quartiles (ms)", "runs", "vs flat",
+            "vs gather+bmm", "peak (MB)", "verified", "note"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in _order(rows):
-        params = _f(r["params"])
-        cells = [f"`{r['method']}`", r["variant"], f"{int(r['classes']):,}",
-                 f"{params / 1e6:.2f}" if params else ""]
-        if question != "params":
-            cells += [_fmt(r["time_ms"]), _fmt(r["iqr_ms"], 2), r["runs"]]
-        if memory:
-            cells += [_fmt(r["peak_rss_mb"]), _fmt(r.get("peak_rss_warm_mb", "")),
-                      _fmt(r["peak_cuda_mb"]), _fmt(r["est_mb"])]
-        for col in ("ratio_vs_flat", "ratio_vs_gather_bmm"):
-            x = _f(r[col])
-            cells.append(f"{x:.2f}x" if x is not None else "")
-        if question not in ("params",) and not memory:
-            cells += [_fmt(r["peak_rss_mb"]), r["verified"]]
+    for r in _sorted(rows):
+        vs = [ratio(reference(all_rows, r, m), r) for m in ("flat", "gather_bmm")]
+        quart = (f"{_fmt(_f(r['q25_ms']))}-{_fmt(_f(r['q75_ms']))}" if r["q25_ms"] else "")
         note = f"**skipped**: {r['skip_reason']}" if r["skip_reason"] else r["note"]
-        cells.append(note.replace("|", "\\|"))
+        cells = [f"`{_label(r)}`", f"{int(r['classes']):,}", r["contention"],
+                 _fmt(_f(r["time_ms"])), quart, r["runs"],
+                 *(f"{x:.2f}x" if x else "" for x in vs), _fmt(_f(r["peak_mb"])),
+                 r["verified"], note.replace("|", "\\|")]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def contention_table(rows: Sequence[Row]) -> str:
+    """Each method's time per load, its ratio to flat under the same load, and its slowdown
+    against its own quiet time."""
+    loads = sorted({r["contention"] for r in rows},
+                   key=lambda x: (x.split("+")[0] != "none", x))  # quiet first
+    head = ["task", "method", *(f"{x}: ms (vs flat)" for x in loads),
+            *(f"{x} / quiet" for x in loads[1:])]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    keys = dict.fromkeys((r["task"], r["method"], r["variant"], r["threads"])
+                         for r in sorted(_sorted(rows), key=lambda r: r["task"] != "train"))
+    for task, method, variant, threads in keys:
+        mine = {r["contention"]: r for r in rows if (r["task"], r["method"], r["variant"],
+                                                      r["threads"]) == (task, method, variant,
+                                                                        threads)}
+        cells = [task, f"`{_label(next(iter(mine.values())))}`"]
+        for load in loads:
+            r = mine.get(load, {})
+            vs = ratio(reference(rows, r, "flat"), r) if r else None
+            cells.append(_fmt(_f(r.get("time_ms"))) + (f" ({vs:.1f}x)" if vs else ""))
+        quiet = mine.get(loads[0], {})
+        cells += [f"{x:.2f}x" if (x := ratio(mine.get(load, {}), quiet)) else ""
+                  for load in loads[1:]]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
 def markdown(stem: str, rows: Sequence[Row]) -> str:
-    parts = [f"# Benchmark results: {stem}", "",
-             f"Generated by `benchmarks/report.py` from `{stem}.csv`.", "",
-             _environment(rows), ""]
-    parts.append("Ratios: the reference's value divided by this row's (time, or peak memory, or "
-                 "parameters); above 1 means cheaper than the reference. Sparse training rows "
-                 "compare against the flat head's fused-AdamW step.")
-    for q in dict.fromkeys(r["question"] for r in rows):
-        qrows = [r for r in rows if r["question"] == q]
-        parts += ["", f"## {q}: {QUESTION_TITLES.get(q, q)}", "", table(qrows, q)]
+    parts = [f"# {stem}", "", f"Written by `benchmarks/report.py` from `{stem}.csv`.", "",
+             environment(rows), "",
+             "vs flat, vs gather+bmm: the baseline's median time over this row's, for the "
+             "same task, classes and load (above 1: faster than the baseline). Peak: the "
+             "process's peak RSS above a worker warmed up on a tiny head (GPU: allocated "
+             "memory)."]
+    if stem.startswith("contention"):
+        parts += ["", "Loads: `none` (quiet), `gemm` (a process multiplying float32 matrices "
+                  "on one thread), `python` (a process spinning in plain Python).", "",
+                  contention_table(rows)]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        parts += ["", f"## {task}: {TITLES.get(task, task)}", "",
+                  table([r for r in rows if r["task"] == task], rows)]
     return "\n".join(parts) + "\n"
 
 
 # --------------------------------------------------------------------------- plots
 
 
-def _plot(stem: str, kind: str, rows: Sequence[Row], path: Path) -> Path | None:
+def plot(suite: str, rows: Sequence[Row], path: Path) -> Path | None:
+    """One legible figure per CSV: bars for train/inference/contention, lines for scaling."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if kind == "scaling":
-        questions = [q for q in ("train", "topk5") if any(r["question"] == q for r in rows)]
-        fig, axes = plt.subplots(1, len(questions), figsize=(6 * len(questions), 4.5),
-                                 squeeze=False)
-        for ax, q in zip(axes[0], questions):
-            for method in METHOD_ORDER:
-                pts = sorted(
-                    (int(r["classes"]), float(r["time_ms"]))
-                    for r in rows
-                    if r["question"] == q and r["method"] == method and _f(r["time_ms"])
-                )
-                if pts:
-                    xs, ys = [c for c, _ in pts], [t for _, t in pts]
-                    ax.plot(xs, ys, marker="o", label=method, color=COLORS[method])
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_xlabel("number of classes")
-            ax.set_ylabel("time per call (ms)")
-            ax.set_title(QUESTION_TITLES.get(q, q), fontsize=10)
-            ax.grid(True, which="both", alpha=0.3)
-        axes[0][0].legend(fontsize=8)
+    main = int(rows[0]["classes"]) if suite != "scaling" else 0
+    if suite == "scaling":
+        fig, ax = plt.subplots(figsize=(8, 5.5))
+        for m in ORDER:
+            pts = sorted((int(r["classes"]), float(r["time_ms"])) for r in rows
+                         if r["method"] == m and r["task"] == "train" and _f(r["time_ms"]))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=m, color=COLORS[m])
+        ax.set(xscale="log", yscale="log", xlabel="classes",
+               ylabel="training step (ms), log scale", title="Training step against classes")
+        ax.legend()
     else:
-        metric_of = {"memory_train": "peak_rss_mb"}
-        questions = [q for q in dict.fromkeys(r["question"] for r in rows)
-                     if q in ("train", "log_probs", "topk5", "predict", "memory_train")]
-        if not questions:
+        task = {"train": "train", "inference": "topk5", "contention": "train"}[suite]
+        picked = [r for r in _sorted(rows) if r["task"] == task and _f(r["time_ms"])
+                  and int(r["classes"]) == main]
+        if not picked:
             return None
-        fig, axes = plt.subplots(1, len(questions), figsize=(5 * len(questions), 4),
-                                 squeeze=False)
-        for ax, q in zip(axes[0], questions):
-            metric = metric_of.get(q, "time_ms")
-            if q == "memory_train" and any(_f(r["peak_cuda_mb"]) for r in rows):
-                metric = "peak_cuda_mb"
-            qrows = [r for r in _order([r for r in rows if r["question"] == q])
-                     if _f(r[metric])]
-            if not qrows:
-                ax.set_axis_off()
-                ax.set_title(f"{QUESTION_TITLES.get(q, q)}: no values", fontsize=9)
-                continue
-            labels = [r["method"] + ("" if r["variant"] in ("adamw_fused", q) else
-                                     f" ({r['variant']})") for r in qrows]
-            values = [float(r[metric]) for r in qrows]
-            ax.barh(range(len(values)), values,
-                    color=[COLORS.get(r["method"], "k") for r in qrows])
-            ax.set_yticks(range(len(values)), labels, fontsize=8)
-            ax.invert_yaxis()
-            ax.set_xscale("log")
-            ax.set_xlabel("peak RSS (MB)" if metric != "time_ms" else "time (ms), log scale")
-            ax.set_title(QUESTION_TITLES.get(q, q), fontsize=9)
-            for i, v in enumerate(values):
-                ax.text(v, i, f" {_fmt(str(v))}", va="center", fontsize=7)
-            ax.grid(True, axis="x", which="both", alpha=0.3)
+        labels = [_label(r) + (f" + {r['contention']}" if suite == "contention" else "")
+                  for r in picked]
+        values = [float(r["time_ms"]) for r in picked]
+        fig, ax = plt.subplots(figsize=(9, 0.45 * len(picked) + 1.5))
+        ax.barh(range(len(values)), values, color=[COLORS.get(r["method"], "k") for r in picked])
+        ax.set_yticks(range(len(values)), labels)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        for i, v in enumerate(values):
+            ax.text(v, i, f" {_fmt(v)} ms", va="center")
+        ax.set(xlabel="milliseconds per batch, log scale",
+               title=f"{TITLES[task]}, {main:,} classes"
+               + (", quiet and beside a busy core" if suite == "contention" else ""))
+    ax.grid(True, which="both", alpha=0.3)
     r0 = rows[0]
-    fig.suptitle(f"{stem}: {r0['device_name']}, {r0['threads']} threads, torch {r0['torch']}",
-                 fontsize=10)
+    fig.text(0.99, 0.01, f"{r0['device_name']}, torch {r0['torch']}, batch {r0['batch']}",
+             ha="right", fontsize=8, color="0.4")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
@@ -222,228 +235,189 @@ def _plot(stem: str, kind: str, rows: Sequence[Row], path: Path) -> Path | None:
 
 @dataclass(frozen=True)
 class Target:
+    """``method``/``variant``'s time against ``versus``'s, in ``suite``; met when the ratio
+    (``versus`` over ``method``) is at least ``bound``."""
+
     what: str
-    csv: str  # script name
-    question: str
+    suite: str
+    task: str
     method: str
     variant: str
-    column: str  # ratio column, or time_ms / peak_rss_mb for absolute targets
+    versus: str
+    versus_variant: str
     bound: float
-    at_least: bool  # True: measured >= bound; False: measured <= bound
-    classes: int | None = None  # None: the preset's main head
-
-    def met(self, value: float) -> bool:
-        return value >= self.bound if self.at_least else value <= self.bound
+    contention: str = "none"
 
 
 TARGETS = (
-    Target("train step vs flat", "train", "train", "hsoftmax", "adamw_fused",
-           "ratio_vs_flat", 60, True),
-    Target("train step vs gather+bmm", "train", "train", "hsoftmax", "adamw_fused",
-           "ratio_vs_gather_bmm", 1.5, True),
-    Target("train step vs flat, grads kept (set_to_none=False) for both", "train", "train",
-           "hsoftmax", "adamw_fused_keep", "ratio_vs_flat", 60, True),
-    Target("train step vs gather+bmm, grads kept for both", "train", "train", "hsoftmax",
-           "adamw_fused_keep", "ratio_vs_gather_bmm", 1.5, True),
-    Target("exact top-5 vs flat", "inference", "topk5", "hsoftmax", "topk5",
-           "ratio_vs_flat", 20, True),
-    Target("exact top-5 vs flat, trained head (structured data)", "inference",
-           "topk5_trained", "hsoftmax", "topk5", "ratio_vs_flat", 20, True),
-    Target("exact log-probs vs flat", "inference", "log_probs", "hsoftmax", "log_probs",
-           "ratio_vs_flat", 5, True),
-    Target("peak training memory vs flat (less)", "memory", "memory_train", "hsoftmax",
-           "adamw_fused", "ratio_vs_flat", 12, True),
-    Target("peak training memory vs flat (less), warm baseline", "memory", "memory_train",
-           "hsoftmax", "adamw_fused", "ratio:peak_rss_warm_mb", 12, True),
-    Target("peak training memory vs flat (less)", "memory", "memory_train", "hsoftmax_sparse",
-           "sparse", "ratio_vs_flat", 12, True),
-    Target("peak training memory vs flat (less), warm baseline", "memory", "memory_train",
-           "hsoftmax_sparse", "sparse", "ratio:peak_rss_warm_mb", 12, True),
-    Target("sparse train step vs flat", "train", "train", "hsoftmax_sparse", "sparse",
-           "ratio_vs_flat", 150, True),
-    Target("sparse 1M classes step (ms)", "scaling", "train", "hsoftmax_sparse", "sparse",
-           "time_ms", 60, False, 1_000_000),
-    Target("sparse 10M classes peak memory (MB)", "memory", "sparse_train", "hsoftmax_sparse",
-           "sparse", "peak_rss_mb", 24 * 1024, False, 10_000_000),
+    Target("exact top-5, untrained head, against `head.log_probs(x).topk(5)` (at most 10% "
+           "slower)", "inference", "topk5", "hsoftmax", "", "hsoftmax", "via_log_probs",
+           1 / 1.1),
+    Target("exact top-5, untrained head, against flat `Linear(1792, C)` top-5", "inference",
+           "topk5", "hsoftmax", "", "flat", "", 5),
+    Target("train step, fused AdamW, against the flat step", "train", "train", "hsoftmax",
+           "adamw_fused", "flat", "adamw_fused", 60),
+    Target("train step, fused AdamW, against plain gather+bmm", "train", "train", "hsoftmax",
+           "adamw_fused", "gather_bmm", "adamw_fused", 1.5),
 )
 
 
-def _find(rows: Sequence[Row], method: str, variant: str, classes: int | None) -> Row:
-    """The row of ``method``/``variant`` at ``classes``, or an empty one."""
-    hit = [r for r in rows if r["method"] == method and r["variant"] == variant
-           and int(r["classes"]) == classes]
-    return hit[0] if hit else {}
-
-
-def measured(t: Target, tables: dict[str, list[Row]]) -> tuple[Row, str, float | None]:
-    """The row that ``t`` reads (empty when not measured), the column it reads (the GPU's
-    memory on CUDA) and the value there (``None`` when missing, or not defined on CUDA)."""
-    rows = tables.get(t.csv, [])
-    classes = t.classes
-    if classes is None:  # the preset's main head: the size the flat head ran at
-        mains = [r for r in rows if r["question"] == t.question and r["method"] == "flat"]
-        classes = int(mains[0]["classes"]) if mains else None
-    r = _find([x for x in rows if x["question"] == t.question], t.method, t.variant, classes)
-    column = t.column
-    if r.get("device") == "cuda" and column == "peak_rss_mb":
-        column = "peak_cuda_mb"
-    if not r or (r["device"] == "cuda" and column.startswith("ratio:")):
-        return r, column, None
-    if not column.startswith("ratio:"):
-        return r, column, _f(r.get(column, ""))
-    col = column.split(":", 1)[1]  # a ratio against flat computed here
-    flat = [f for f in rows if f["question"] == t.question and f["method"] == "flat"
-            and f["classes"] == r["classes"]]
-    a, b = (_f(flat[0].get(col, "")) if flat else None), _f(r.get(col, ""))
-    return r, column, a / b if a and b else None
+def _pick(rows: Sequence[Row], task: str, method: str, variant: str, contention: str = "none",
+          classes: int | None = None, threads: str | None = None) -> Row:
+    hits = [r for r in rows if r["task"] == task and r["method"] == method
+            and r["variant"] == variant and r["contention"].split("+")[0] == contention
+            and (classes is None or int(r["classes"]) == classes)
+            and (threads is None or r["threads"] == threads)]
+    return hits[0] if hits else {}
 
 
 def summary(tables: dict[str, list[Row]], title: str) -> str:
-    """The targets of issue 3 against the measured values."""
-    first = next((rs[0] for rs in tables.values() if rs), None)
-    where = (f"{first['device_name']}, {first['threads']} threads, torch {first['torch']}"
-             if first else "?")
+    """The project's targets against the measured ratios, then the contention results."""
+    first = next((rs[0] for rs in tables.values() if rs), {})
     lines = [f"# Targets: {title}", "",
-             "Generated by `benchmarks/report.py` from the CSVs beside this file.", "",
-             f"Measured on {where}. The targets of issue 3 are set for the CPU with 2 threads; "
-             "on a GPU they are shown for information.", "",
-             *([("**Shared machine**: other jobs were running during these measurements "
-                 "(`shared_machine`, `load1` columns). Times, and ratios against a method "
-                 "measured at a different load, are distorted; rerun on an idle machine "
-                 "before quoting them."), ""]
-               if any(r.get("shared_machine") == "True" for rs in tables.values() for r in rs)
-               else []),
-             "| target | method | measured | required | met | source |",
+             "Written by `benchmarks/report.py` from the CSVs beside this file. The targets are "
+             f"set for a 2-core CPU with 2 threads; measured on {first.get('device_name', '?')}, "
+             f"torch {first.get('torch', '?')}, batch {first.get('batch', '?')}.", "",
+             "| target | measured | quartile range | required | met | source |",
              "|---|---|---|---|---|---|"]
     for t in TARGETS:
-        required = f"{'>=' if t.at_least else '<='} {t.bound:g}"
-        if t.column.startswith("ratio"):
-            required += "x"
-        r, column, x = measured(t, tables)
-        if not r:
-            lines.append(f"| {t.what} | `{t.method}` | not measured | {required} | - | "
-                         f"{t.csv} |")
-            continue
-        if r["device"] == "cuda" and column.startswith("ratio:"):
-            lines.append(f"| {t.what} | `{t.method}` | n/a on CUDA | {required} | - | "
-                         f"{t.csv} |")
-            continue
+        rows = tables.get(t.suite, [])
+        mine = _pick(rows, t.task, t.method, t.variant, t.contention)
+        ref = _pick(rows, t.task, t.versus, t.versus_variant, t.contention,
+                    int(mine["classes"]) if mine else None, mine.get("threads"))
+        x = ratio(ref, mine)
+        required = (f"<= {1 / t.bound:.2f}x its time" if t.bound < 1 else f">= {t.bound:g}x")
         if x is None:
-            why = r["skip_reason"] or "no value"
-            lines.append(f"| {t.what} | `{t.method}` | {why} | {required} | no | {t.csv} |")
+            why = mine.get("skip_reason") or ref.get("skip_reason") or "not measured"
+            lines.append(f"| {t.what} | {why} | | {required} | - | {t.suite} |")
             continue
-        shown = f"{x:.2f}x" if column.startswith("ratio") else _fmt(str(x))
-        if column == "ratio_vs_flat" and r.get("ratio_vs_flat_range"):
-            shown += f" (quartiles {r['ratio_vs_flat_range']}x)"
-        if column == "peak_cuda_mb":
-            shown += " (CUDA)"
-        source = f"{t.csv}, {r['date'][:10]}, `{r['commit']}`"  # the code that was measured
-        lines.append(f"| {t.what} ({int(r['classes']):,} classes) | `{t.method}` | {shown} | "
-                     f"{required} | {'yes' if t.met(x) else '**no**'} | {source} |")
-    if any(r.get("ratio_vs_flat_range") for rs in tables.values() for r in rs):
-        lines += ["", "Quartiles: the flat head's first quartile over the method's third, to its "
-                  "third over the method's first, from the same runs: where the ratio lands "
-                  "within the timings' spread. A target inside that range is met only as far "
-                  "as this machine's noise allows."]
-    return "\n".join([*lines, *_cold_memory_cap(tables.get("memory", []))]) + "\n"
+        shown = f"{1 / x:.2f}x its time" if t.bound < 1 else f"{x:.2f}x"
+        spread = ratio_range(ref, mine)
+        if t.bound < 1 and spread:
+            lo, hi = (float(v) for v in spread.rstrip("x").split("-"))
+            spread = f"{1 / hi:.2f}-{1 / lo:.2f}x"
+        shared = " (shared machine)" if "shared" in mine["contention"] else ""
+        lines.append(f"| {t.what} | {shown}{shared} | {spread} | {required} | "
+                     f"{'yes' if x >= t.bound else '**no**'} | {t.suite}, "
+                     f"{mine['date'][:10]}, `{mine['commit']}` |")
+    lines += ["", "Quartile range: the baseline's first quartile over the head's third, to its "
+              "third over the head's first: how far the ratio moves within the timings' spread."]
+    extra = _linear_ce_lines(tables.get("scaling", []) + tables.get("train", []))
+    if extra:
+        lines += ["", "## Flat head trained with `F.linear_cross_entropy`", "", *extra]
+    if tables.get("contention"):
+        lines += ["", "## Under CPU contention", "",
+                  "Each row beside a process busy on one core (`gemm`: 1-thread float32 matrix "
+                  "products; `python`: a plain Python loop), and quiet (`none`). The ratio in "
+                  "brackets is against the flat head under the same load.", "",
+                  contention_table(tables["contention"])]
+    return "\n".join(lines) + "\n"
 
 
-def _cold_memory_cap(rows: Sequence[Row]) -> list[str]:
-    """Why the memory ratio against the cold baseline has a ceiling: the runtime pages that any
-    step touches count against every method, on top of the unavoidable AdamW state."""
-    train = [r for r in rows if r["question"] == "memory_train"]
-    if not train:
-        return []
-    classes = int(train[0]["classes"])
-    flat, head = (_find(train, method, "adamw_fused", classes) for method in ("flat", "hsoftmax"))
-    found = [_f(r.get(c, "")) for r, c in ((flat, "peak_rss_mb"), (head, "params"),
-                                           (flat, "idle_rss_mb"), (flat, "warm_idle_rss_mb"))]
-    values = [v for v in found if v is not None]
-    if len(values) < len(found):
-        return []
-    flat_peak, params, idle, warm_idle = values
-    runtime = warm_idle - idle
-    # float32: weight, gradient and two moments take 16 bytes a parameter, 12 without gradient
-    state, lazy = params * 16 / 2**20, params * 12 / 2**20
-    return ["", f"The cold baseline charges every method the {runtime:.0f} MB of runtime pages "
-            f"that any training step touches (warm idle minus idle worker). With them, a head "
-            f"of {params / 1e6:.2f}M parameters, whose weights, gradients and two AdamW "
-            f"moments alone take {state:.0f} MB, can be at most {flat_peak:.0f} / "
-            f"({state:.0f} + {runtime:.0f}) = {flat_peak / (state + runtime):.2f}x below flat "
-            f"on that baseline, and {flat_peak:.0f} / ({lazy:.0f} + {runtime:.0f}) = "
-            f"{flat_peak / (lazy + runtime):.2f}x with no gradient at all (`sparse=True` comes "
-            f"close), whatever the implementation: the warm baseline is the one that measures "
-            f"the head."]
+def _linear_ce_lines(rows: Sequence[Row]) -> list[str]:
+    """The chunked ``linear_cross_entropy`` beside the plain flat step, per class count."""
+    out = ["| classes | flat step (ms) | linear_ce step (ms) | flat peak (MB) | linear_ce peak "
+           "(MB) | hierarchical step (ms) | hierarchical peak (MB) |", "|" + "---|" * 7]
+    seen = set()
+    for r in sorted(rows, key=lambda r: int(r["classes"])):
+        if r["task"] != "train" or r["method"] != "linear_ce" or r["classes"] in seen:
+            continue
+        seen.add(r["classes"])
+        flat, ours = (reference(rows, r, m) for m in ("flat", "hsoftmax"))
+        cells = [f"{int(r['classes']):,}"]
+        for col in ("time_ms", "peak_mb"):
+            for x in (flat, r):
+                cells.append(_fmt(_f(x.get(col))) or x.get("skip_reason", "")[:60] or "")
+        cells += [_fmt(_f(ours.get("time_ms"))), _fmt(_f(ours.get("peak_mb")))]
+        out.append("| " + " | ".join(cells) + " |")
+    return out if seen else []
+
+
+# --------------------------------------------------------------------------- the README table
 
 
 @dataclass(frozen=True)
 class Headline:
-    """A row of the README's table: ``method``/``variant`` against ``flat``/``flat_variant``."""
+    """A row of the README's table: ``method`` against ``versus`` (flat by default)."""
 
     what: str
-    csv: str
-    question: str
+    suite: str
+    task: str
     method: str
-    variant: str
-    flat_variant: str
-    column: str = "time_ms"  # or peak_rss_warm_mb, peak_rss_mb
-    classes: int | None = None  # None: the preset's main head
+    variant: str = "adamw_fused"
+    versus: str = "flat"
+    column: str = "time_ms"  # or peak_mb
+    classes: int | None = None  # None: the suite's main head
+    contention: str = "none"
+    threads: str | None = None
 
 
 HEADLINES = (
-    Headline("train step, fused AdamW, fresh gradients (`zero_grad()`)", "train", "train",
-             "hsoftmax", "adamw_fused", "adamw_fused"),
-    Headline("train step, fused AdamW, gradients kept (`zero_grad(set_to_none=False)`)",
-             "train", "train", "hsoftmax", "adamw_fused_keep", "adamw_fused_keep"),
+    Headline("train step, fused AdamW", "train", "train", "hsoftmax"),
     Headline("train step, `sparse=True` + `SparseRowAdamW` (flat: fused AdamW)", "train",
-             "train", "hsoftmax_sparse", "sparse", "adamw_fused"),
-    Headline("exact log-probabilities of all classes", "inference", "log_probs", "hsoftmax",
-             "log_probs", "log_probs"),
-    Headline("exact top-5, untrained head (flat top: pruned by int8 bounds)", "inference",
-             "topk5", "hsoftmax", "topk5", "topk5"),
-    Headline("exact top-5, head trained 60 steps on structured data", "inference",
-             "topk5_trained", "hsoftmax", "topk5", "topk5"),
-    Headline("peak training RSS above a warm idle worker, fused AdamW", "memory",
-             "memory_train", "hsoftmax", "adamw_fused", "adamw_fused", "peak_rss_warm_mb"),
-    Headline("peak training RSS above a warm idle worker, `sparse=True`", "memory",
-             "memory_train", "hsoftmax_sparse", "sparse", "adamw_fused", "peak_rss_warm_mb"),
+             "train", "hsoftmax_sparse", "sparse"),
+    Headline("train step, reference path forced (`HSOFTMAX_REFERENCE=1`)", "train", "train",
+             "hsoftmax_reference"),
+    Headline("train step against flat with chunked `F.linear_cross_entropy`", "train", "train",
+             "hsoftmax", versus="linear_ce"),
+    Headline("peak training memory, fused AdamW", "train", "train", "hsoftmax",
+             column="peak_mb"),
+    Headline("peak training memory against flat with `F.linear_cross_entropy`", "train",
+             "train", "hsoftmax", versus="linear_ce", column="peak_mb"),
+    Headline("exact log-probabilities of all classes", "inference", "log_probs", "hsoftmax", ""),
+    Headline("exact top-5, untrained head", "inference", "topk5", "hsoftmax", ""),
+    Headline("exact top-5, head trained on structured data", "inference", "topk5_trained",
+             "hsoftmax", ""),
+    Headline("train step beside a 1-thread GEMM process", "contention", "train", "hsoftmax",
+             contention="gemm", threads="2"),
+    Headline("the same, hierarchical head on 1 thread", "contention", "train", "hsoftmax",
+             contention="gemm", threads="1"),
     Headline("`sparse=True` train step, 1,000,000 classes", "scaling", "train",
-             "hsoftmax_sparse", "sparse", "adamw_fused", classes=1_000_000),
-    Headline("`sparse=True` peak training RSS, 10,000,000 classes", "memory", "sparse_train",
-             "hsoftmax_sparse", "sparse", "adamw_fused", "peak_rss_mb", 10_000_000),
+             "hsoftmax_sparse", "sparse", classes=1_000_000),
+    Headline("`sparse=True` peak training memory, 10,000,000 classes", "scaling", "train",
+             "hsoftmax_sparse", "sparse", column="peak_mb", classes=10_000_000),
 )
-README_START, README_END = "<!-- headline:start -->", "<!-- headline:end -->"
-TABLES = ("train", "inference", "memory", "scaling")  # the CSVs the headline reads
 
 
 def headline(tables: dict[str, list[Row]]) -> str:
     """The README's table of the main results, from one device's CSVs."""
-    unit = {"time_ms": " ms", "peak_rss_warm_mb": " MB", "peak_rss_mb": " MB"}
-    lines = ["| | hierarchical | flat `Linear(1792, C)` | vs flat | vs gather+bmm |",
+    unit = {"time_ms": " ms", "peak_mb": " MB"}
+    lines = ["| | hierarchical | flat baseline | vs flat | vs gather+bmm |",
              "|---|---|---|---|---|"]
     for h in HEADLINES:
-        rows = [r for r in tables.get(h.csv, []) if r["question"] == h.question]
+        rows = tables.get(h.suite, [])
         classes = h.classes or min((int(r["classes"]) for r in rows), default=None)
-        ours = _find(rows, h.method, h.variant, classes)
-        flat = _find(rows, "flat", h.flat_variant, classes)
-        a, b = _f(ours.get(h.column, "")), _f(flat.get(h.column, ""))
-        shown = [f"{_fmt(x.get(h.column, ''))}{unit[h.column]}" if v is not None
-                 else (x.get("skip_reason") or "not measured")
-                 for x, v in ((ours, a), (flat, b))]
-        ratio = f"{b / a:.1f}x" if a and b else ""
-        versus = _f(ours.get("ratio_vs_gather_bmm", "")) if h.column == "time_ms" else None
-        lines.append(f"| {h.what} | {shown[0]} | {shown[1]} | {ratio} | "
-                     f"{f'{versus:.2f}x' if versus else ''} |")
+        if h.suite == "scaling" and h.classes is None:
+            classes = None
+        ours = _pick(rows, h.task, h.method, h.variant, h.contention, classes, h.threads)
+        ref = reference(rows, ours, h.versus) if ours else {}
+        if ours and h.versus != "flat":
+            ref = _pick(rows, h.task, h.versus, "adamw_fused", h.contention, classes)
+        shown = [_fmt(_f(x.get(h.column)), unit[h.column]) or x.get("skip_reason")
+                 or "not measured" for x in (ours, ref)]
+        base = {"flat": "`Linear(1792, C)`", "linear_ce": "`F.linear_cross_entropy`"}[h.versus]
+        x = ratio(ref, ours, h.column)
+        gb = ratio(reference(rows, ours, "gather_bmm"), ours) if (
+            ours and h.column == "time_ms") else None
+        lines.append(f"| {h.what} | {shown[0]} | {base}: {shown[1]} | "
+                     f"{f'{x:.1f}x' if x else ''} | {f'{gb:.2f}x' if gb else ''} |")
     return "\n".join(lines) + "\n"
 
 
 def update_readme(readme: Path, text: str) -> bool:
     """Replace the README's text between the headline markers; whether it changed."""
     old = readme.read_text()
+    if README_START not in old or README_END not in old:
+        return False
     head, rest = old.split(README_START, 1)
     new = f"{head}{README_START}\n{text}{README_END}{rest.split(README_END, 1)[1]}"
     readme.write_text(new)
     return new != old
+
+
+def load_tables(results: Path, suffix: str = "cpu") -> dict[str, list[Row]]:
+    """The CSVs of one device and preset (``cpu``, ``cuda``, ``cpu_tiny``, ...) by suite."""
+    return {s: read_csv(p) for s in SUITES if (p := results / f"{s}_{suffix}.csv").exists()}
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
@@ -455,34 +429,26 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     a = p.parse_args(argv)
     written: list[Path] = []
     groups: dict[str, dict[str, list[Row]]] = {}
-    for csv_file in sorted(a.results.glob("*.csv")):
-        m = STEM.match(csv_file.stem)
-        if not m:
+    for path in sorted(a.results.glob("*.csv")):
+        m = STEM.match(path.stem)
+        rows = read_csv(path) if m else []
+        if not m or not rows:
             continue
-        rows = read_csv(csv_file)
-        if not rows:
-            continue
-        kind, device, preset = m.group(1), m.group(2), m.group(3) or ""
-        groups.setdefault(f"{device}{preset}", {})[kind] = rows
-        md = csv_file.with_suffix(".md")
-        md.write_text(markdown(csv_file.stem, rows))
+        groups.setdefault(m.group(2) + (m.group(3) or ""), {})[m.group(1)] = rows
+        md = path.with_suffix(".md")
+        md.write_text(markdown(path.stem, rows))
         written.append(md)
-        if not a.no_plots:
-            png = _plot(csv_file.stem, kind, rows, csv_file.with_suffix(".png"))
-            if png:
-                written.append(png)
+        png = None if a.no_plots else plot(m.group(1), rows, path.with_suffix(".png"))
+        written += [png] if png else []
     for suffix, tables in groups.items():
-        if "train" in tables:
-            path = a.results / f"summary_{suffix}.md"
-            path.write_text(summary(tables, suffix))
-            written.append(path)
-    readme = Path(a.readme) if a.readme else None
-    if readme and "cpu" in groups and update_readme(readme, headline(groups["cpu"])):
-        written.append(readme)
+        out = a.results / f"summary_{suffix}.md"
+        out.write_text(summary(tables, suffix))
+        written.append(out)
+    if a.readme and "cpu" in groups and update_readme(Path(a.readme), headline(groups["cpu"])):
+        written.append(Path(a.readme))
     for w in written:
         print(f"wrote {w}", file=sys.stderr)
     return written
 
 
-if __name__ == "__main__":
-    main(sys.argv[1:])
+__all__ = ["headline", "load_tables", "main", "quantile", "summary"]
