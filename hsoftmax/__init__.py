@@ -13,6 +13,7 @@ from .counting import (
     hierarchical_head_parameters,
     parameter_bytes,
 )
+from .fastpaths import use_reference_path
 from .functional import HierarchicalOutput
 from .grouping import ClassLayout, check_class_slots, class_layout
 from .loss import HierarchicalCrossEntropy
@@ -58,4 +59,5 @@ __all__ = [
     "suggest_shape",
     "target_rank",
     "topk_accuracy",
+    "use_reference_path",
 ]

@@ -68,8 +68,12 @@ def suggest_shape(num_classes: int, tolerance: float = 0.05) -> tuple[int, int]:
         (40, 25)
     """
     _check_int("num_classes", num_classes)
-    if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or tolerance < 0:
-        raise ValueError(f"expected tolerance to be a number >= 0, got {tolerance!r}")
+    if (
+        not isinstance(tolerance, (int, float))
+        or isinstance(tolerance, bool)
+        or not 0 <= tolerance < math.inf
+    ):
+        raise ValueError(f"expected tolerance to be a finite number >= 0, got {tolerance!r}")
     n_bottom = np.arange(1, math.isqrt(num_classes - 1) + 2, dtype=np.int64)
     n_bottom = n_bottom[n_bottom <= max(1, math.ceil(math.sqrt(num_classes)))]
     n_top = -(-num_classes // n_bottom)

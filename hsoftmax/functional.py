@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .bottom import _eager, node_logits
-from .bounds import int8_bounds_apply, node_bounds
+from . import bottom, fast_bottom
 
 __all__ = [
     "HierarchicalOutput",
@@ -72,6 +71,40 @@ class HierarchicalOutput(NamedTuple):
         """The number of classes."""
         return self.class_slots.shape[0]
 
+    def log_probs(self) -> Tensor:
+        """Exact log-probabilities of all classes, ``(*, num_classes)``: see :func:`log_probs`."""
+        return log_probs(self)
+
+    def topk(self, k: int) -> tuple[Tensor, Tensor]:
+        """The exact ``k`` most probable classes, ``(values, indices)``: see :func:`topk`."""
+        return topk(self, k)
+
+    def predict(self) -> Tensor:
+        """The paper's top-1 routing, ``(*)`` class ids (not always the argmax): see
+        :func:`predict`."""
+        return predict(self)
+
+    def __getattr__(self, name: str) -> object:
+        # only reached for names the tuple lacks, e.g. tensor methods tried on "the logits"
+        if name.startswith("__"):
+            raise AttributeError(name)
+        message = f"'HierarchicalOutput' object has no attribute {name!r}: {_NOT_LOGITS}"
+        raise AttributeError(message)
+
+    @classmethod
+    def __torch_function__(
+        cls, func: object, types: object, args: tuple = (), kwargs: dict | None = None
+    ) -> object:
+        name = getattr(func, "__name__", str(func))
+        raise TypeError(f"{name}() got a HierarchicalOutput, not a tensor: {_NOT_LOGITS}")
+
+
+_NOT_LOGITS = (
+    "the head's output is not logits; use out.log_probs() for the exact log-probabilities, "
+    "out.topk(k) or out.predict() for classes, and hsoftmax.HierarchicalCrossEntropy()(out, "
+    "target) for the loss"
+)
+
 
 def _log_softmax(logits: Tensor) -> Tensor:
     """``log_softmax`` over the last dimension, in at least float32 for half-precision logits."""
@@ -116,7 +149,9 @@ def _node_bottom_logits(out: HierarchicalOutput, hidden: Tensor, nodes: Tensor) 
     Returns:
         ``(N, m, n_bottom)`` masked bottom logits.
     """
-    logits = node_logits(out.bottom_weight, out.bottom_bias, hidden, nodes, out.sparse)
+    args = (out.bottom_weight, out.bottom_bias, hidden, nodes, out.sparse)
+    fast = fast_bottom.chosen(*args)
+    logits = fast_bottom.node_logits(*args) if fast else bottom.node_logits(*args)
     if out.slot_mask is not None:
         logits = _mask_slots(logits, out.slot_mask[nodes])
     return logits
@@ -189,7 +224,7 @@ def check_loss_options(reduction: str, label_smoothing: float) -> None:
         raise ValueError(f"expected label_smoothing in [0, 1], got {label_smoothing}")
 
 
-def _check_target(out: HierarchicalOutput, target: Tensor, ignore_index: int) -> None:
+def _check_target_type(out: HierarchicalOutput, target: Tensor) -> None:
     if not isinstance(target, Tensor):
         raise TypeError(f"expected target to be a torch.Tensor, got {type(target).__name__}")
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
@@ -200,9 +235,14 @@ def _check_target(out: HierarchicalOutput, target: Tensor, ignore_index: int) ->
             f"expected target of shape {tuple(batch_shape)} (the input's leading dimensions), "
             f"got {tuple(target.shape)}"
         )
+
+
+def _check_target(out: HierarchicalOutput, target: Tensor, ignore_index: int) -> None:
     num_classes = out.num_classes
     outside = (target < 0) | (target >= num_classes)
     message = f"expected target in [0, {num_classes}) or ignore_index={ignore_index}"
+    if torch._C._are_functorch_transforms_active():
+        return  # no data-dependent check under vmap; an index out of range still raises
     if target.device.type == "cpu" and not torch.compiler.is_compiling():
         if bool(outside.any()):  # then look past the ignored entries
             values = target[outside & (target != ignore_index)]
@@ -266,6 +306,8 @@ def hierarchical_cross_entropy(
         True
     """
     check_loss_options(reduction, label_smoothing)
+    _check_target_type(out, target)
+    target = target.long()  # before comparing: -100 is not a uint8 value
     _check_target(out, target, ignore_index)
     if weight is not None and weight.shape != (out.num_classes,):
         raise ValueError(
@@ -288,9 +330,9 @@ def hierarchical_cross_entropy(
         nll = (1.0 - label_smoothing) * nll + label_smoothing * smooth
 
     sample_weight = keep.to(nll.dtype)
-    if weight is not None:
-        sample_weight = sample_weight * weight.to(nll.dtype)[safe_target]
-    loss = nll * sample_weight
+    if weight is not None:  # ignored rows take no weight, even an infinite weight[0]
+        sample_weight = torch.where(keep, weight.to(nll.dtype)[safe_target], 0.0)
+    loss = torch.where(keep, nll * sample_weight, 0.0)  # nor a NaN from a padded row
     if reduction == "none":
         return loss.view(target.shape)
     if reduction == "sum":
@@ -329,38 +371,6 @@ def _all_positions_log_probs(
     return result
 
 
-#: On the CPU, without autograd, the log-probabilities of all positions are computed for blocks
-#: of nodes of about this many entries each, so that a block stays in cache from the product to
-#: the result. GPUs take all nodes at once (their caches are large, their kernel launches not
-#: free).
-_DENSE_BLOCK = 2**20
-
-
-def _node_blocks(n_top: int, entries_per_node: int, device: torch.device) -> list[slice]:
-    """Consecutive slices of the nodes, of about ``_DENSE_BLOCK`` entries each on the CPU."""
-    step = n_top if device.type != "cpu" else max(1, _DENSE_BLOCK // max(1, entries_per_node))
-    return [slice(start, min(start + step, n_top)) for start in range(0, n_top, step)]
-
-
-def _blocked_log_probs(out: HierarchicalOutput, hidden: Tensor, top: Tensor) -> Tensor:
-    """:func:`_all_positions_log_probs`, by blocks of nodes written into one result when there
-    are several and autograd does not track it (a few blocks per call, not a loop over nodes)."""
-    if torch.is_grad_enabled() or not _eager():  # before any size-dependent choice
-        return _all_positions_log_probs(out, hidden, top)
-    n_top, n_bottom = out.bottom_bias.shape
-    blocks = _node_blocks(n_top, hidden.shape[0] * n_bottom, hidden.device)
-    if len(blocks) == 1:
-        return _all_positions_log_probs(out, hidden, top)
-    result = None
-    for nodes in blocks:
-        block = _all_positions_log_probs(out, hidden, top, nodes)
-        if result is None:  # the first block tells the dtype
-            result = block.new_empty(block.shape[0], n_top * n_bottom)
-        result[:, nodes.start * n_bottom : nodes.stop * n_bottom] = block
-    assert result is not None
-    return result
-
-
 def log_probs(out: HierarchicalOutput) -> Tensor:
     """Exact log-probabilities of every class.
 
@@ -382,13 +392,29 @@ def log_probs(out: HierarchicalOutput) -> Tensor:
         (torch.Size([2, 18]), True)
     """
     hidden, top_logits = _flat(out)
-    positions = _blocked_log_probs(out, hidden, _log_softmax(top_logits))
+    top = _log_softmax(top_logits)
+    if fast_inference.chosen("log_probs", out, hidden, top):
+        positions = fast_inference.log_probs(out, hidden, top)
+    else:
+        positions = _all_positions_log_probs(out, hidden, top)
     num_classes = out.num_classes
     if out.slot_classes is not None:
         positions = positions.index_select(1, out.class_slots)
     elif num_classes < positions.shape[1]:
         positions = positions[:, :num_classes]
     return positions.view(*out.hidden.shape[:-1], num_classes)
+
+
+def _valid_argmax(values: Tensor, valid: Tensor | None) -> Tensor:
+    """``values.argmax(-1)`` among the ``valid`` entries only (``valid``: ``(n,)`` for every row,
+    or one row each; ``None``: all). A row whose valid entries are all ``-inf`` (an overflow)
+    gets its first valid entry: never an invalid one."""
+    if valid is None:
+        return values.argmax(-1)
+    best = values.masked_fill(~valid, float("-inf")).argmax(-1)
+    first = valid.to(torch.uint8).argmax(-1)
+    best_is_valid = valid[best] if valid.dim() == 1 else valid.gather(-1, best[:, None])[:, 0]
+    return torch.where(best_is_valid, best, first)
 
 
 def predict(out: HierarchicalOutput) -> Tensor:
@@ -411,145 +437,23 @@ def predict(out: HierarchicalOutput) -> Tensor:
         torch.Size([3])
     """
     hidden, top_logits = _flat(out)
-    node = top_logits.argmax(-1)
-    slot = _node_bottom_logits(out, hidden, node.unsqueeze(1)).squeeze(1).argmax(-1)
-    positions = node * out.bottom_weight.shape[1] + slot
+    node_valid = None if out.slot_mask is None else out.slot_mask.any(1)
+    node = _valid_argmax(top_logits, node_valid)
+    logits = _node_bottom_logits(out, hidden, node.unsqueeze(1)).squeeze(1)
+    valid = None if out.slot_mask is None else out.slot_mask.index_select(0, node)
+    positions = node * out.bottom_weight.shape[1] + _valid_argmax(logits, valid)
     return _to_classes(out, positions).view(out.hidden.shape[:-1])
-
-
-# Gathering one node's weights for one row costs about as much as _DENSE_SCAN_RATIO nodes of
-# one row of the dense product, which also reads all the weights once: scanning ``count`` nodes
-# for each of ``rows`` rows is done densely when that is cheaper.
-_DENSE_SCAN_RATIO = 16
-
-
-def _dense_is_cheaper(count: int, rows: int, n_top: int) -> bool:
-    return _DENSE_SCAN_RATIO * count * rows >= n_top * (_DENSE_SCAN_RATIO + rows)
-
-
-def _scan_nodes(
-    out: HierarchicalOutput, hidden: Tensor, top: Tensor, nodes: Tensor, k: int
-) -> tuple[Tensor, Tensor]:
-    """Exact top-k (at most) log-probabilities and positions of each row among the classes of
-    its nodes ``nodes`` ``(N, m)``, from the top log-probabilities ``top`` ``(N, n_top)``."""
-    n_bottom = out.bottom_bias.shape[1]
-    logits = _node_bottom_logits(out, hidden, nodes)
-    candidates = _class_log_probs(top.gather(1, nodes), logits).flatten(1)
-    if out.slot_mask is not None:
-        valid = out.slot_mask.index_select(0, nodes.reshape(-1)).view_as(candidates)
-        candidates = candidates.masked_fill(~valid, float("-inf"))
-    found, where = candidates.topk(min(k, candidates.shape[1]), dim=-1)
-    chosen = nodes.gather(1, torch.div(where, n_bottom, rounding_mode="floor"))
-    return found, chosen * n_bottom + where % n_bottom
-
-
-def _best_of(values: list[Tensor], positions: list[Tensor], k: int) -> tuple[Tensor, Tensor]:
-    """The best ``k`` (log-probability, position) pairs of each row among several sets."""
-    best, pick = torch.cat(values, 1).topk(k, dim=-1)
-    return best, torch.cat(positions, 1).gather(1, pick)
-
-
-def _dense_topk(
-    out: HierarchicalOutput, hidden: Tensor, top: Tensor, k: int
-) -> tuple[Tensor, Tensor]:
-    """Exact top-k log-probabilities and positions among all positions, by blocks of nodes
-    (see :func:`_blocked_log_probs`): the best ``k`` of each block, then the best of those."""
-    n_top, n_bottom = out.bottom_bias.shape
-    values, positions = [], []
-    for nodes in _node_blocks(n_top, hidden.shape[0] * n_bottom, hidden.device):
-        block = _all_positions_log_probs(out, hidden, top, nodes)
-        found, where = block.topk(min(k, block.shape[1]), dim=-1)
-        values.append(found)
-        positions.append(where + nodes.start * n_bottom)
-    if len(values) == 1:
-        return values[0], positions[0]
-    return _best_of(values, positions, k)
-
-
-def _next_power_of_two(counts: Tensor) -> Tensor:
-    """The smallest power of two at least ``counts`` (int64, ``counts >= 1``)."""
-    return torch.pow(2, torch.ceil(torch.log2(counts.double())).long())
-
-
-#: The int8 bounds of :mod:`hsoftmax.bounds` cost about as much as the dense top-k of 40 rows
-#: at the PlantCLEF size (2 CPU threads); fewer rows take the dense top-k.
-_BOUND_ROWS = 40
-
-
-def _pruned_topk(
-    out: HierarchicalOutput, hidden: Tensor, top: Tensor, bound: Tensor, k: int, tight: bool
-) -> tuple[Tensor, Tensor]:
-    """Exact top-k of each row, scanning nodes in decreasing ``bound`` (an upper bound of each
-    node's best class) until no unscanned node can beat the ``k``-th class found. Rows that
-    would scan about as much as the dense product get the tighter bounds of
-    :func:`hsoftmax.bounds.node_bounds` first, unless ``bound`` is already tight."""
-    rows, n_top = bound.shape
-    n_bottom = out.bottom_bias.shape[1]
-    # Enough nodes to hold k classes; a tight bound tells where the best classes are, so that
-    # k nodes (one per class at worst) give a threshold close to the final one.
-    first = min(n_top, k if tight else -(-k // n_bottom))
-    if _dense_is_cheaper(first, rows, n_top):
-        return _dense_topk(out, hidden, top, k)
-    scanned = bound.topk(first, dim=-1).indices
-    values, positions = _scan_nodes(out, hidden, top, scanned, k)
-    if k == 0:
-        return values, positions
-    # Unscanned nodes whose bound reaches the k-th class found may hold better classes (all
-    # scanned nodes then reach it too). Rows are grouped by their number rounded up to a
-    # power of two: each row scans at most twice the nodes it needs, in a few groups (never a
-    # loop over rows or nodes).
-    needed = (bound >= values[:, -1:]).sum(-1) - first
-    extra = torch.where(needed > 0, _next_power_of_two(needed.clamp_min(1)), 0)
-    extra = extra.clamp_max(n_top - first)
-    heavy = []  # rows that scan about as much as the dense product: all in one pass
-    lowest = torch.finfo(bound.dtype).min
-    for count in extra.unique().tolist():
-        if count == 0:
-            continue
-        group = torch.nonzero(extra == count).squeeze(1)
-        if _dense_is_cheaper(first + count, group.shape[0], n_top):
-            heavy.append(group)
-            continue
-        # the scanned nodes last: below every other, even a bound of -inf
-        rest = bound[group].clamp_min(lowest).scatter_(1, scanned[group], float("-inf"))
-        more, where = _scan_nodes(out, hidden[group], top[group], rest.topk(count).indices, k)
-        values[group], positions[group] = _best_of(
-            [values[group], more], [positions[group], where], k
-        )
-    if heavy:
-        group = torch.cat(heavy)
-        h, t = hidden[group], top[group]
-        if tight or group.shape[0] < _BOUND_ROWS or not int8_bounds_apply(h):
-            values[group], positions[group] = _dense_topk(out, h, t, k)
-        else:
-            tighter = node_bounds(out.bottom_weight, out.bottom_bias, out.slot_mask, h, t)
-            values[group], positions[group] = _pruned_topk(out, h, t, tighter, k, tight=True)
-    return values, positions
 
 
 def topk(out: HierarchicalOutput, k: int) -> tuple[Tensor, Tensor]:
     """The exact ``k`` most probable classes, sorted like :func:`torch.topk`.
 
-    Since ``p(class) <= p(its node)``, a class can only beat the ``k``-th best class found so
-    far if its node does. A first round scans each row's ``ceil(k / n_bottom)`` most probable
-    nodes; the rows where some unscanned node is at least as probable as the ``k``-th class
-    found get a second round over those nodes (their number rounded up to a power of two, to
-    scan rows in a few groups), after which the answer is exact. A peaked top distribution (a
-    trained model) needs a few nodes per row.
-
-    A flat one (an untrained model) would need most nodes. All such rows go together: when
-    they are many, float32 or float64, they first get a tighter bound per node from an int8
-    product with a bounded error (see :mod:`hsoftmax.bounds`), which leaves a few nodes per row
-    to scan exactly; otherwise they are computed densely, by blocks of nodes, as
-    :func:`log_probs` does.
-
-    This search runs on the CPU. On accelerators, where the dense product is cheap and kernel
-    launches and host syncs are not, every row takes the dense path: a few kernels, no sync.
-
-    The answer equals ``log_probs(out).topk(k)`` up to floating-point rounding of the values;
-    exact ties may be broken differently. On the CPU the second round depends on the data (a
-    host sync): under ``torch.compile`` it breaks the graph; to export, use
-    ``log_probs(out).topk(k)``.
+    By definition ``log_probs(out).topk(k)``, and computed so by the reference path. On the CPU
+    without autograd, :mod:`hsoftmax.fast_inference` gives the same answer while scanning only
+    the nodes that can hold a top class (``p(class) <= p(its node)``), where it is measured
+    faster (see :mod:`hsoftmax.fastpaths`). Values agree up to float rounding; exact ties may be
+    broken differently. The fast search depends on the data (host syncs): compiled and exported
+    graphs take the reference path.
 
     Args:
         out: the head's output, leading shape ``(*)``.
@@ -573,9 +477,12 @@ def topk(out: HierarchicalOutput, k: int) -> tuple[Tensor, Tensor]:
         raise ValueError(f"expected k in [0, {out.num_classes}] (num_classes), got {k}")
     hidden, top_logits = _flat(out)
     top = _log_softmax(top_logits)
-    if hidden.device.type == "cpu":
-        values, positions = _pruned_topk(out, hidden, top, top, k, tight=False)
-    else:  # accelerators: the dense product is cheap there, kernel launches and host syncs not
-        values, positions = _dense_topk(out, hidden, top, k)
+    if fast_inference.chosen("topk", out, hidden, top, k):
+        values, positions = fast_inference.topk(out, hidden, top, k)
+    else:
+        values, positions = _all_positions_log_probs(out, hidden, top).topk(k, dim=-1)
     shape = (*out.hidden.shape[:-1], k)
     return values.view(shape), _to_classes(out, positions).view(shape)
+
+
+from . import fast_inference  # noqa: E402  (it builds on the reference functions above)

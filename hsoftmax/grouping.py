@@ -55,6 +55,11 @@ def check_class_slots(class_slots: object, num_classes: int, n_top: int, n_botto
         or (class_slots.dtype == torch.bool)
     ):
         raise TypeError(f"expected class_slots of an integer dtype, got {class_slots.dtype}")
+    if class_slots.dim() != 1:
+        raise ValueError(
+            f"expected a 1-D class_slots (one position per class), got shape "
+            f"{tuple(class_slots.shape)}"
+        )
     if class_slots.shape != (num_classes,):
         raise ValueError(
             f"expected class_slots of shape ({num_classes},) (one position per class), "
@@ -124,7 +129,7 @@ def class_layout(
         raise ValueError(
             f"expected num_classes in [1, {positions}] (n_top * n_bottom), got {num_classes}"
         )
-    identity = torch.arange(num_classes)
+    identity = torch.arange(num_classes, device="cpu")  # explicit: not a torch.device context
     slots = (
         identity
         if class_slots is None

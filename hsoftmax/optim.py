@@ -84,6 +84,8 @@ class SparseRowAdamW(torch.optim.Optimizer):
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"expected lr >= 0, got {lr}")
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"expected betas to be a pair (beta1, beta2), got {betas!r}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"expected betas in [0, 1), got {betas}")
         if not eps >= 0.0:

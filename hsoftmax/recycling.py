@@ -61,8 +61,7 @@ def recycled_empty(owner: Tensor, purpose: str, shape: Sequence[int], dtype: tor
         if storage is not None and storage.nbytes() >= nbytes and _unreferenced(storage):
             return torch.empty(0, dtype=dtype).set_(storage, 0, shape)  # type: ignore[call-overload]
         tensor = torch.empty(shape, dtype=dtype)
-        if storage is None or storage.nbytes() < nbytes:  # a busy one may be free next time
-            purposes[purpose] = tensor.untyped_storage()
+        purposes[purpose] = tensor.untyped_storage()  # a busy one is left to its holder
         return tensor
 
 

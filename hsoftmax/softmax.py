@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -106,21 +107,26 @@ class HierarchicalSoftmax(nn.Module):
         super().__init__()
         check_size("in_features", in_features)
         check_size("hidden", hidden)
-        if dtype is not None and not dtype.is_floating_point:
-            raise TypeError(f"expected a floating dtype for the parameters, got {dtype}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"expected a floating torch.dtype for the parameters, got {dtype!r}")
+        if not (isinstance(sparse, (bool, np.bool_)) or (type(sparse) is int and sparse in (0, 1))):
+            raise TypeError(f"expected sparse to be a bool, got {sparse!r}")
+        if class_slots is not None and isinstance(class_slots, Tensor):
+            class_slots = class_slots.cpu()
         layout = class_layout(n_top, n_bottom, num_classes, class_slots)
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.n_top = n_top
         self.n_bottom = n_bottom
         self.hidden = hidden
-        self.sparse = sparse
+        self.sparse = bool(sparse)
         self.proj = nn.Linear(in_features, hidden, **factory)
         self.activation = _make_activation(activation)
         self.top = nn.Linear(hidden, n_top, **factory)
         self.bottom_weight = nn.Parameter(torch.empty(n_top, n_bottom, hidden, **factory))
         self.bottom_bias = nn.Parameter(torch.empty(n_top, n_bottom, **factory))
-        self._set_layout(layout, device)
+        self._set_layout(layout)
+        self.register_load_state_dict_pre_hook(HierarchicalSoftmax._before_load)
         self.register_load_state_dict_post_hook(HierarchicalSoftmax._after_load)
         self.reset_parameters()
 
@@ -129,26 +135,45 @@ class HierarchicalSoftmax(nn.Module):
         """The number of classes."""
         return self.class_slots.shape[0]
 
-    def _set_layout(self, layout: ClassLayout, device: Any) -> None:
-        """Register ``class_slots`` (persistent) and the buffers derived from it."""
+    def _set_layout(self, layout: ClassLayout) -> None:
+        """Register ``class_slots`` (persistent) and the buffers derived from it, on the
+        parameters' device, and keep a CPU copy of a custom mapping to rebuild them from."""
+        self._class_slots = None if layout.slot_classes is None else layout.class_slots.cpu()
+        device = self.bottom_weight.device
         for name, tensor in layout._asdict().items():
             tensor = None if tensor is None else tensor.to(device)
             self.register_buffer(name, tensor, persistent=name == "class_slots")
 
+    def _layout(self, class_slots: Tensor | None) -> ClassLayout:
+        return class_layout(self.n_top, self.n_bottom, self.num_classes, class_slots)
+
+    def _before_load(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Check a loaded ``class_slots`` before anything is copied into the head."""
+        slots = state_dict.get(prefix + "class_slots")
+        if isinstance(slots, Tensor) and slots.shape == self.class_slots.shape:
+            self._layout(slots.cpu())
+
     @staticmethod
     def _after_load(module: HierarchicalSoftmax, incompatible_keys: Any) -> None:
         """Derive the masks and the inverse mapping again from a loaded ``class_slots``."""
-        slots = module.class_slots
-        layout = class_layout(module.n_top, module.n_bottom, len(slots), slots.cpu())
-        module._set_layout(layout, slots.device)
+        module._set_layout(module._layout(module.class_slots.cpu()))
 
     def reset_parameters(self) -> None:
-        """Initialise like ``nn.Linear``: every layer uniform in ``±1/sqrt(fan_in)``."""
+        """Initialise like ``nn.Linear`` (every layer uniform in ``±1/sqrt(fan_in)``), and build
+        the mapping's buffers again (after ``to_empty()`` from the meta device they hold
+        uninitialised memory)."""
+        self._set_layout(self._layout(self._class_slots))
         self.proj.reset_parameters()
         self.top.reset_parameters()
         bound = 1.0 / math.sqrt(self.hidden)
         nn.init.uniform_(self.bottom_weight, -bound, bound)
         nn.init.uniform_(self.bottom_bias, -bound, bound)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise TypeError(
+            "expected torch.compile or torch.export for HierarchicalSoftmax, got torch.jit.script:"
+            " its output is a NamedTuple with methods, which TorchScript cannot compile"
+        )
 
     def extra_repr(self) -> str:
         grouped = ", class_slots=custom" if self.slot_classes is not None else ""
@@ -183,11 +208,15 @@ class HierarchicalSoftmax(nn.Module):
         top_logits = self.top(hidden)
         if self.node_mask is not None:
             top_logits = top_logits.masked_fill(~self.node_mask, float("-inf"))
+        weight: Tensor = self.bottom_weight
+        bias: Tensor = self.bottom_bias
+        if not torch.is_grad_enabled():  # a loss computed later must not train the bottoms
+            weight, bias = weight.detach(), bias.detach()
         return HierarchicalOutput(
             hidden,
             top_logits,
-            self.bottom_weight,
-            self.bottom_bias,
+            weight,
+            bias,
             self.class_slots,
             self.slot_classes,
             self.slot_mask,

@@ -13,11 +13,12 @@ from hypothesis import strategies as st
 from reference import reference_log_probs
 from strategies import Case, cases
 
-from hsoftmax import HierarchicalSoftmax, bounds, functional
+from hsoftmax import HierarchicalSoftmax, bounds, fast_inference, fastpaths
 
-pytestmark = pytest.mark.skipif(
-    not bounds.int8_bounds_apply(torch.zeros(1, 1)), reason="no oneDNN int8 products here"
-)
+pytestmark = [
+    pytest.mark.skipif(not bounds._int8_products_correct(), reason="no oneDNN int8 products"),
+    pytest.mark.usefixtures("fast"),
+]
 
 
 def _inputs(head: HierarchicalSoftmax, x: torch.Tensor) -> tuple:
@@ -90,8 +91,8 @@ def test_topk_pruned_by_the_bounds_equals_brute_force(case: Case) -> None:
         bound = bounds.node_bounds(weight, bias, mask, hidden, top, 3)
         out = head(x)
         for k in {1, head.num_classes // 2, head.num_classes}:
-            values, positions = functional._pruned_topk(out, hidden, top, bound, k, tight=True)
-            indices = functional._to_classes(out, positions)
+            values, positions = fast_inference._pruned_topk(out, hidden, top, bound, k, tight=True)
+            indices = positions if out.slot_classes is None else out.slot_classes[positions]
             expected = lp.topk(k)
             torch.testing.assert_close(values, expected.values)
             torch.testing.assert_close(lp.gather(1, indices), expected.values)
@@ -106,9 +107,9 @@ def test_untrained_head_topk_takes_the_bounds_when_it_can(int8: bool) -> None:
     lp = head.log_probs(x)
     spy = mock.Mock(wraps=bounds.node_bounds)
     with (
-        mock.patch.object(functional, "node_bounds", spy),
-        mock.patch.object(bounds, "_int8_products_work", lambda: int8),
-        mock.patch.object(functional, "_BOUND_ROWS", 1),
+        mock.patch.object(fast_inference, "node_bounds", spy),
+        mock.patch.object(bounds, "_int8_products_fast", lambda: int8),
+        mock.patch.object(fast_inference, "_BOUND_ROWS", 1),
     ):
         values, indices = head.topk(x, 5)
     assert spy.called == int8
@@ -117,10 +118,25 @@ def test_untrained_head_topk_takes_the_bounds_when_it_can(int8: bool) -> None:
 
 
 def test_bounds_apply_only_where_int8_products_are_exact_and_fast() -> None:
-    assert bounds.int8_bounds_apply(torch.zeros(2, 3, dtype=torch.float64))
-    assert not bounds.int8_bounds_apply(torch.zeros(2, 3, dtype=torch.float16))
-    assert not bounds.int8_bounds_apply(torch.zeros(2, 3, device="meta"))
-    assert not bounds.int8_bounds_apply(torch.zeros(2, bounds._MAX_COLUMNS))
+    assert bounds.bounds_pay(torch.zeros(2, 3, dtype=torch.float64))
+    assert not bounds.bounds_pay(torch.zeros(2, 3, dtype=torch.float16))
+    assert not bounds.bounds_pay(torch.zeros(2, 3, device="meta"))
+    assert not bounds.bounds_pay(torch.zeros(2, bounds._MAX_COLUMNS))
+
+
+@pytest.mark.parametrize("int8_share", [0.0, 1e9], ids=["int8-slow", "int8-fast"])
+def test_int8_products_are_used_only_where_measured_fast(
+    monkeypatch: pytest.MonkeyPatch, int8_share: float
+) -> None:
+    """The capability check times the int8 product against float32 (an AVX2-only EPYC runs it
+    17x more slowly): here the int8 product is made to look slow by timing it many times."""
+    monkeypatch.setattr(fastpaths, "_policy", "measure")
+    monkeypatch.setattr(fastpaths, "_timings", {})
+    monkeypatch.setattr(bounds, "_INT8_SHARE", 1 / 64 if int8_share == 0.0 else 1.0)
+    if int8_share:  # the float32 product made slow instead
+        mm = torch.mm
+        monkeypatch.setattr(torch, "mm", lambda a, b: [mm(a, b) for _ in range(64)].pop())
+    assert bounds._int8_products_fast() == bool(int8_share)
 
 
 def test_rows_that_go_dense_share_one_pass() -> None:
@@ -130,11 +146,11 @@ def test_rows_that_go_dense_share_one_pass() -> None:
         head.top.weight.mul_(3)  # rows need different numbers of nodes
     x = torch.randn(64, 16)
     lp = head.log_probs(x)
-    spy = mock.Mock(wraps=functional._dense_topk)
+    spy = mock.Mock(wraps=fast_inference._dense_topk)
     with (
-        mock.patch.object(functional, "_dense_topk", spy),
-        mock.patch.object(functional, "_dense_is_cheaper", lambda count, rows, n_top: count > 2),
-        mock.patch.object(bounds, "_int8_products_work", lambda: False),
+        mock.patch.object(fast_inference, "_dense_topk", spy),
+        mock.patch.object(fast_inference, "_dense_is_cheaper", lambda count, *_: count > 2),
+        mock.patch.object(bounds, "_int8_products_fast", lambda: False),
     ):
         values, indices = head.topk(x, 5)
         out = head(x)

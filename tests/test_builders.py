@@ -53,9 +53,10 @@ def test_suggest_shape_tolerance_zero_gives_smallest_sum() -> None:
     [
         ({"num_classes": 0}, r"expected num_classes to be a positive int, got 0"),
         ({"num_classes": 10.0}, r"expected num_classes to be a positive int, got 10\.0"),
-        ({"num_classes": 10, "tolerance": -1}, r"expected tolerance to be a number >= 0, got -1"),
+        ({"num_classes": 10, "tolerance": -1}, r"to be a finite number >= 0, got -1"),
+        ({"num_classes": 10, "tolerance": float("nan")}, r"to be a finite number >= 0, got nan"),
     ],
-    ids=["zero", "float", "negative-tolerance"],
+    ids=["zero", "float", "negative-tolerance", "nan-tolerance"],
 )
 def test_suggest_shape_errors(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

@@ -301,7 +301,8 @@ def test_fsdp2_head_resharded_after_forward_fails(device: torch.device, launched
     and FSDP2 frees their unsharded storage when the head's forward ends."""
     for result in launched(device, "fsdp-head-resharded"):
         assert result["error"] is not None
-        assert "not allocated" in result["error"], result["error"]
+        error = result["error"]
+        assert "not allocated" in error or "storage of size 0" in error, error
 
 
 if __name__ == "__main__":

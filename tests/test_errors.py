@@ -19,7 +19,9 @@ from hsoftmax import HierarchicalCrossEntropy, HierarchicalSoftmax
         ((4, 2, 3, True), {}, ValueError, r"hidden to be a positive int, got True"),
         ((4, 2, 3, 4), {"num_classes": 7}, ValueError, r"num_classes in \[1, 6\].*got 7"),
         ((4, 2, 3, 4), {"num_classes": 0}, ValueError, r"num_classes to be a positive int, got 0"),
-        ((4, 2, 3, 4), {"dtype": torch.int64}, TypeError, r"floating dtype.*got torch.int64"),
+        ((4, 2, 3, 4), {"dtype": torch.int64}, TypeError, r"floating torch.dtype.*got torch.int64"),
+        ((4, 2, 3, 4), {"dtype": "float32"}, TypeError, r"floating torch.dtype.*got 'float32'"),
+        ((4, 2, 3, 4), {"sparse": "yes"}, TypeError, r"expected sparse to be a bool, got 'yes'"),
         ((4, 2, 3, 4), {"activation": "swish"}, ValueError, r"activation in .*got 'swish'"),
         ((4, 2, 3, 4), {"class_slots": [0, 1]}, TypeError, r"integer torch.Tensor, got list"),
         (

@@ -1,9 +1,9 @@
 """Export: ``torch.export`` and ONNX (run through onnxruntime) of the inference path.
 
-``log_probs``, ``predict`` and the exact top-k taken from the full log-probabilities
-(``log_probs(x).topk(k)``) export with a dynamic batch dimension. Every check runs the exported
-graph on a batch size and values unlike the ones traced, so that a branch frozen at trace time
-would show. The adaptive ``topk`` scan is data-dependent and does not export.
+``log_probs``, ``predict`` and ``topk`` export with a dynamic batch dimension: under export
+they take the reference path (``topk`` is then ``log_probs(x).topk(k)``). Every check runs the
+exported graph on a batch size and values unlike the ones traced, so that a branch frozen at
+trace time would show.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class Inference(nn.Module):
             return self.head.log_probs(x)
         if self.method == "predict":
             return self.head.predict(x)
-        values, indices = self.head.log_probs(x).topk(self.k, dim=-1)
+        values, indices = self.head.topk(x, self.k)
         return values, indices
 
 
@@ -112,22 +112,6 @@ def test_predict_export_routes_by_data(device: torch.device) -> None:
     nodes = head.class_slots[predicted] // N_BOTTOM
     assert nodes.unique().numel() > 1
     assert torch.equal(predicted, head.predict(x))
-
-
-def test_adaptive_topk_does_not_export(device: torch.device) -> None:
-    """What the docs say: the adaptive scan is data-dependent; export log_probs(x).topk(k)."""
-
-    class AdaptiveTopk(nn.Module):
-        def __init__(self, head: HierarchicalSoftmax) -> None:
-            super().__init__()
-            self.head = head
-
-        def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-            return self.head.topk(x, 3)
-
-    module = AdaptiveTopk(_head("grouped", device))
-    with pytest.raises(Exception, match=r"(?i)data.dependent|guard"):
-        _export(module, _traced_input(device))
 
 
 @pytest.mark.parametrize("method", ["log_probs", "predict", "topk"])

@@ -25,6 +25,9 @@ from torch import Tensor
 import hsoftmax.functional as HF
 from hsoftmax import HierarchicalCrossEntropy, HierarchicalSoftmax
 
+# the contract: every test here runs on the reference path and on the fast paths
+pytestmark = pytest.mark.usefixtures("path")
+
 FUZZ = settings(
     max_examples=40,
     deadline=None,

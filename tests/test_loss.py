@@ -13,6 +13,9 @@ from strategies import Case, cases
 from hsoftmax import HierarchicalCrossEntropy, HierarchicalSoftmax
 from hsoftmax.functional import gold_log_prob
 
+# the contract: every test here runs on the reference path and on the fast paths
+pytestmark = pytest.mark.usefixtures("path")
+
 
 def make_case(num_classes: int | None = 17, batch: int = 9, seed: int = 0) -> Case:
     torch.manual_seed(seed)

@@ -16,6 +16,9 @@ from strategies import Case, cases
 import hsoftmax
 from hsoftmax import HierarchicalSoftmax
 
+# the contract: every test here runs on the reference path and on the fast paths
+pytestmark = pytest.mark.usefixtures("path")
+
 CONFIGS = [
     pytest.param(dict(n_top=4, n_bottom=5), id="full"),
     pytest.param(dict(n_top=4, n_bottom=5, num_classes=13), id="masked-tail"),
@@ -74,11 +77,13 @@ def test_rows_are_normalised(case: Case) -> None:
     ids=["node-scan", "dense", "dense-node-by-node"],
 )
 @given(case=cases())
-def test_exact_topk_equals_brute_force(case: Case, dense_ratio: float, dense_block: int) -> None:
+def test_exact_topk_equals_brute_force(
+    case: Case, dense_ratio: float, dense_block: int, path: str
+) -> None:
     lp = case.head.log_probs(case.x)
-    functional = hsoftmax.functional
-    with mock.patch.object(functional, "_DENSE_SCAN_RATIO", dense_ratio), mock.patch.object(
-        functional, "_DENSE_BLOCK", dense_block
+    fast = hsoftmax.fast_inference
+    with mock.patch.object(fast, "_DENSE_SCAN_RATIO", dense_ratio), mock.patch.object(
+        fast, "_DENSE_BLOCK", dense_block
     ):
         for k in {1, case.head.num_classes // 2, case.head.num_classes}:
             values, indices = case.head.topk(case.x, k)
@@ -91,11 +96,11 @@ def test_exact_topk_equals_brute_force(case: Case, dense_ratio: float, dense_blo
 @pytest.mark.parametrize("dense_block", [1, 2**20], ids=["node-by-node", "one-block"])
 @given(case=cases())
 def test_log_probs_without_autograd_equal_the_tracked_product(
-    case: Case, dense_block: int
+    case: Case, dense_block: int, path: str
 ) -> None:
     tracked = case.head.log_probs(case.x)  # one product, under autograd
     assert tracked.requires_grad
-    with torch.no_grad(), mock.patch.object(hsoftmax.functional, "_DENSE_BLOCK", dense_block):
+    with torch.no_grad(), mock.patch.object(hsoftmax.fast_inference, "_DENSE_BLOCK", dense_block):
         torch.testing.assert_close(case.head.log_probs(case.x), tracked.detach())
 
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 import hsoftmax
 from hsoftmax import HierarchicalCrossEntropy, HierarchicalSoftmax, split_parameters
+
+# the contract: every test here runs on the reference path and on the fast paths
+pytestmark = pytest.mark.usefixtures("path")
 
 
 def _pair(**kwargs: object) -> tuple[HierarchicalSoftmax, HierarchicalSoftmax]:

@@ -1,0 +1,111 @@
+"""When a fast path may replace the reference path: the switch and the one-time timings.
+
+The reference path (:mod:`hsoftmax.bottom` and :mod:`hsoftmax.functional`) uses public torch
+ops only and defines the results. Each fast path lives in its own module and is proven equal to
+it by the same contract tests:
+
+- :mod:`hsoftmax.fast_bottom`: the bottom layers' products read in place, for training and
+  routing on the CPU;
+- :mod:`hsoftmax.fast_inference`: exact log-probabilities by cache-sized blocks of nodes, and
+  an exact top-k that scans only the nodes that can hold a top class, with the int8 bounds of
+  :mod:`hsoftmax.bounds` where int8 products are measured faster than float32 ones.
+
+A fast path runs only where it is correct for the call (each module's ``applies``) and was
+measured faster on this machine for calls of that kind: the first such call times both paths
+and the answer is kept for the process, as ``torch.backends.cudnn.benchmark`` does.
+:func:`use_reference_path` (or the environment variable ``HSOFTMAX_REFERENCE=1``) forces the
+reference path everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Hashable
+
+import torch
+
+__all__ = ["clear_timings", "eager", "measured_faster", "size_bucket", "use_reference_path"]
+
+#: ``"measure"``: a fast path runs where it applies and was measured faster; ``"reference"``:
+#: never; ``"fast"``: wherever it applies (for tests).
+_policy = "reference" if os.environ.get("HSOFTMAX_REFERENCE", "") not in ("", "0") else "measure"
+_timings: dict[Hashable, bool] = {}
+_lock = threading.Lock()
+_ROUNDS = 3
+
+
+def use_reference_path(enabled: bool = True) -> None:
+    """Force the plain reference path everywhere (``True``), or let the fast paths run where
+    they apply and are measured faster (``False``, the default unless the environment variable
+    ``HSOFTMAX_REFERENCE=1`` is set).
+
+    Results agree either way up to float rounding; the reference path is the one to use when
+    debugging, or to rule out the fast paths.
+
+    Example:
+        >>> import hsoftmax
+        >>> hsoftmax.use_reference_path(True)   # plain torch ops only
+        >>> hsoftmax.use_reference_path(False)  # back to measured fast paths
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"expected enabled to be a bool, got {type(enabled).__name__}")
+    global _policy
+    _policy = "reference" if enabled else "measure"
+
+
+def clear_timings() -> None:
+    """Forget the timings taken so far: the next call of each kind is timed again."""
+    with _lock:
+        _timings.clear()
+
+
+def eager() -> bool:
+    """Whether ops without a derivative or export rule may run: not compiling, not tracing, and
+    no ``torch.func`` transform."""
+    return not (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch._C._are_functorch_transforms_active()
+    )
+
+
+def _seconds(run: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def measured_faster(
+    key: Hashable, fast: Callable[[], object], reference: Callable[[], object]
+) -> bool:
+    """Whether the fast path may run for calls of kind ``key``.
+
+    Under the default policy, the first call of each ``key`` runs both paths once to warm up,
+    then ``3`` alternating rounds, and keeps the answer (the best round of each) for the process.
+
+    Args:
+        key: what the speed of the call depends on (device, dtypes, shapes, batch size bucket).
+        fast: one call of the fast path, without side effects.
+        reference: the same call by the reference path.
+    """
+    if _policy != "measure":
+        return _policy == "fast"
+    with _lock:
+        known = _timings.get(key)
+    if known is not None:
+        return known
+    fast(), reference()
+    best_fast = best_reference = float("inf")
+    for _ in range(_ROUNDS):
+        best_fast = min(best_fast, _seconds(fast))
+        best_reference = min(best_reference, _seconds(reference))
+    with _lock:
+        _timings[key] = best_fast < best_reference
+    return _timings[key]
+
+
+def size_bucket(n: int) -> int:
+    """``n`` rounded up to a power of two: calls whose sizes share a bucket share a timing."""
+    return 1 << max(0, int(n) - 1).bit_length()
