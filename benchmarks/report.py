@@ -452,3 +452,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
 
 
 __all__ = ["headline", "load_tables", "main", "quantile", "summary"]
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
