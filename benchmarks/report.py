@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
@@ -183,51 +184,66 @@ def markdown(stem: str, rows: Sequence[Row]) -> str:
 # --------------------------------------------------------------------------- plots
 
 
-def plot(suite: str, rows: Sequence[Row], path: Path) -> Path | None:
-    """One legible figure per CSV: bars for train/inference/contention, lines for scaling."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    main = int(rows[0]["classes"]) if suite != "scaling" else 0
-    if suite == "scaling":
-        fig, ax = plt.subplots(figsize=(8, 5.5))
-        for m in ORDER:
-            pts = sorted((int(r["classes"]), float(r["time_ms"])) for r in rows
-                         if r["method"] == m and r["task"] == "train" and _f(r["time_ms"]))
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=m, color=COLORS[m])
-        ax.set(xscale="log", yscale="log", xlabel="classes",
-               ylabel="training step (ms), log scale", title="Training step against classes")
-        ax.legend()
-    else:
-        task = {"train": "train", "inference": "topk5", "contention": "train"}[suite]
-        picked = [r for r in _sorted(rows) if r["task"] == task and _f(r["time_ms"])
-                  and int(r["classes"]) == main]
-        if not picked:
-            return None
-        labels = [_label(r) + (f" + {r['contention']}" if suite == "contention" else "")
-                  for r in picked]
-        values = [float(r["time_ms"]) for r in picked]
-        fig, ax = plt.subplots(figsize=(9, 0.45 * len(picked) + 1.5))
-        ax.barh(range(len(values)), values, color=[COLORS.get(r["method"], "k") for r in picked])
-        ax.set_yticks(range(len(values)), labels)
-        ax.invert_yaxis()
-        ax.set_xscale("log")
-        for i, v in enumerate(values):
-            ax.text(v, i, f" {_fmt(v)} ms", va="center")
-        ax.set(xlabel="milliseconds per batch, log scale",
-               title=f"{TITLES[task]}, {main:,} classes"
-               + (", quiet and beside a busy core" if suite == "contention" else ""))
-    ax.grid(True, which="both", alpha=0.3)
+def _figure(rows: Sequence[Row], path: Path, fig: Any) -> Path:
     r0 = rows[0]
     fig.text(0.99, 0.01, f"{r0['device_name']}, torch {r0['torch']}, batch {r0['batch']}",
              ha="right", fontsize=8, color="0.4")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    import matplotlib.pyplot as plt
+
     plt.close(fig)
     return path
+
+
+def plots(suite: str, rows: Sequence[Row], stem: Path) -> list[Path]:
+    """Legible single-panel figures: bars of the main head's times (train, inference,
+    contention), lines of step time and peak memory against classes (scaling)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = []
+    if suite == "scaling":
+        for column, what, name in (("time_ms", "training step (ms)", ""),
+                                   ("peak_mb", "peak training memory (MB)", "_memory")):
+            fig, ax = plt.subplots(figsize=(8, 5.5))
+            for m in ORDER:
+                pts = sorted((int(r["classes"]), float(r[column])) for r in rows
+                             if r["method"] == m and r["task"] == "train" and _f(r[column]))
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=m, color=COLORS[m])
+            if not ax.lines:
+                plt.close(fig)
+                continue
+            ax.set(xscale="log", yscale="log", xlabel="classes", ylabel=f"{what}, log scale",
+                   title=f"{what[0].upper()}{what[1:]} against classes")
+            ax.legend()
+            ax.grid(True, which="both", alpha=0.3)
+            out.append(_figure(rows, stem.with_name(stem.name + name + ".png"), fig))
+        return out
+    task = {"train": "train", "inference": "topk5", "contention": "train"}[suite]
+    main = int(rows[0]["classes"])
+    picked = [r for r in _sorted(rows) if r["task"] == task and _f(r["time_ms"])
+              and int(r["classes"]) == main]
+    if not picked:
+        return []
+    labels = [_label(r) + (f" + {r['contention']}" if suite == "contention" else "")
+              for r in picked]
+    values = [float(r["time_ms"]) for r in picked]
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(picked) + 1.5))
+    ax.barh(range(len(values)), values, color=[COLORS.get(r["method"], "k") for r in picked])
+    ax.set_yticks(range(len(values)), labels)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {_fmt(v)} ms", va="center")
+    ax.set(xlabel="milliseconds per batch, log scale",
+           title=f"{TITLES[task]}, {main:,} classes"
+           + (", quiet and beside a busy core" if suite == "contention" else ""))
+    ax.grid(True, axis="x", which="both", alpha=0.3)
+    return [_figure(rows, stem.with_suffix(".png"), fig)]
 
 
 # --------------------------------------------------------------------------- targets
@@ -438,8 +454,8 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         md = path.with_suffix(".md")
         md.write_text(markdown(path.stem, rows))
         written.append(md)
-        png = None if a.no_plots else plot(m.group(1), rows, path.with_suffix(".png"))
-        written += [png] if png else []
+        if not a.no_plots:
+            written += plots(m.group(1), rows, path.with_suffix(""))
     for suffix, tables in groups.items():
         out = a.results / f"summary_{suffix}.md"
         out.write_text(summary(tables, suffix))

@@ -269,7 +269,6 @@ def run_task(task: Any) -> dict[str, Any]:
 
             getattr(hsoftmax, "use_reference_path", lambda _: None)(False)
     res["notes"] = [n for n in res["notes"] if n]
-    gc.collect()
     return res
 
 
