@@ -74,10 +74,14 @@ def main(argv: list[str] | None = None) -> int:
 
     model = torchvision.models.resnet50(weights=None)  # random weights: no download
     flat_params = hsoftmax.count_parameters(model.fc)
-    head = hsoftmax.replace_classifier(model, n_top=1000, n_bottom=80, hidden=128)
+    # The head takes the old classifier's class count (ImageNet's 1,000 here) unless
+    # num_classes= says otherwise; model.fc's input (2048 features) is kept either way.
+    head = hsoftmax.replace_classifier(
+        model, n_top=1000, n_bottom=80, hidden=128, num_classes=80_000
+    )
     print(f"replaced model.fc ({flat_params:,} parameters) by {head}")
     print(f"head parameters: {hsoftmax.count_parameters(head):,} for {head.num_classes:,} "
-          f"classes (a flat Linear(2048, 80000) would have "
+          f"classes (a flat Linear(2048, {head.num_classes}) would have "
           f"{hsoftmax.flat_head_parameters(2048, head.num_classes):,})")
 
     criterion = hsoftmax.HierarchicalCrossEntropy()
