@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from hsoftmax.__main__ import main
+from hsoftmax.__main__ import linear_cross_entropy_available, main
 
 SMALL = ["--in-features", "32", "--num-classes", "100", "--n-bottom", "10", "--hidden", "8"]
 
@@ -49,12 +49,34 @@ def test_timing_small(capsys: pytest.CaptureFixture[str]) -> None:
     assert "Measured latency" in out and "batch 4" in out
     table = out[out.index("Measured latency") :].splitlines()
     assert table[1].split()[:3] == ["head", "train", "step"]
-    names = [line.split()[0] for line in table[2:5]]
-    assert names == ["flat", "bottleneck-flat", "hierarchical"]
-    assert all(float(v) > 0 for line in table[2:5] for v in line.split()[1:4])
+    chunked = linear_cross_entropy_available()
+    rows = {line.split()[0]: line.split()[1:4] for line in table[2 : 6 if chunked else 5]}
+    expected = ["flat", "flat-linear-ce", "bottleneck-flat", "hierarchical"]
+    assert list(rows) == (expected if chunked else [expected[0], *expected[2:]])
+    for name, values in rows.items():
+        timed = values[:1] if name == "flat-linear-ce" else values
+        assert all(float(v) > 0 for v in timed), (name, values)
     assert "speed-up vs flat" in out and "speed-up vs bottleneck-flat" in out
-    assert "[1/9] hierarchical" in err and "[9/9] flat" in err
+    total = 10 if chunked else 9
+    assert f"[1/{total}] hierarchical" in err and f"[9/{total}] flat" in err
+    if chunked:
+        assert rows["flat-linear-ce"][1:] == ["-", "-"]
+        assert "speed-up vs flat-linear-ce" in out and "[10/10] flat-linear-ce" in err
+    else:
+        assert "skipping flat-linear-ce" in err
     assert "torch threads=1" in out
+
+
+def test_timing_without_linear_cross_entropy(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On torch < 2.13 the chunked baseline is skipped with a message, the rest is timed."""
+    monkeypatch.delattr(torch.nn.functional, "linear_cross_entropy", raising=False)
+    assert not linear_cross_entropy_available()
+    assert main([*SMALL, "--batch-size", "2", "--min-run-time", "0.001"]) == 0
+    out, err = capsys.readouterr()
+    assert "skipping flat-linear-ce: torch" in err and "[9/9] flat" in err
+    assert "flat-linear-ce " not in out.split("Measured latency")[1].split("train step =")[0]
 
 
 def test_explicit_n_top(capsys: pytest.CaptureFixture[str]) -> None:
@@ -96,6 +118,26 @@ def test_module_help_subprocess() -> None:
     for flag in ("--in-features", "--num-classes", "--n-bottom", "--hidden", "--batch-size"):
         assert flag in result.stdout
     assert "--no-timing" in result.stdout
+    assert result.stderr == ""  # no "No CUDA runtime is found" from torch.utils.cpp_extension
+    # the examples are whole commands, not re-wrapped in the middle
+    examples = result.stdout.split("examples:\n", 1)[1].splitlines()
+    assert examples[0] == "  python -m hsoftmax --no-timing"
+    assert examples[1].endswith("\\") and examples[2].startswith("      --batch-size")
+    assert all(len(line) <= 80 for line in result.stdout.splitlines())
+
+
+def test_cli_does_not_import_torch_utils_benchmark() -> None:
+    """``torch.utils.benchmark`` imports ``torch.utils.cpp_extension``, which prints ``No CUDA
+    runtime is found, using CUDA_HOME=...`` on a CPU machine with a CUDA build of torch."""
+    code = (
+        "import sys, hsoftmax.__main__ as m; m.measure(4, 6, 2, 3, 2, 2, 0.001); "
+        "print(sorted(n for n in sys.modules if n.startswith(('torch.utils.benchmark', "
+        "'torch.utils.cpp_extension'))))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize(
