@@ -359,15 +359,17 @@ def format_timings(results: dict[str, dict[str, float]]) -> str:
     rows = [["head", *tasks]]
     order = [h for h in ("flat", LINEAR_CE, "bottleneck-flat", "hierarchical") if h in results]
 
-    def cell(head: str, task: str, fmt: Callable[[float], str]) -> str:
-        return fmt(results[head][task]) if task in results[head] else "-"
-
-    rows += [[h, *(cell(h, t, lambda s: f"{1e3 * s:.2f}") for t in tasks)] for h in order]
+    rows += [
+        [h, *(f"{1e3 * results[h][t]:.2f}" if t in results[h] else "-" for t in tasks)]
+        for h in order
+    ]
     if "hierarchical" in results:
         hier = results["hierarchical"]
         rows += [
-            [f"speed-up vs {b}", *(cell(b, t, lambda s, t=t: f"{s / hier[t]:.1f}x")
-                                   for t in tasks)]
+            [
+                f"speed-up vs {b}",
+                *(f"{results[b][t] / hier[t]:.1f}x" if t in results[b] else "-" for t in tasks),
+            ]
             for b in ("flat", LINEAR_CE, "bottleneck-flat")
             if b in results
         ]
