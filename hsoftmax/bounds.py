@@ -9,9 +9,11 @@ It needs every logit, but no exponential and no top-k, and the largest logits ma
 cheaper approximate product as long as its error is bounded: with ``m`` off by at most ``e``,
 the bound becomes ``top_n + m + e - max(m - e, a + log v)``.
 
-Here the largest logits come from an int8 product (oneDNN's on the CPU, several times as fast
-as float32), exact in integers, whose rounding error is bounded from the scales; the mean
-logits are exact, from each node's mean weights.
+The largest logits come from an int8 product where this machine multiplies int8 matrices at
+least twice as fast as float32 ones (measured once per process): it is exact in integers, and
+its rounding error is bounded from the scales. Elsewhere they come from the float product by
+blocks of nodes, each block's maximum taken while it is in cache, with its rounding error
+bounded. The mean logits come from each node's mean weights.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import Tensor
 from . import fastpaths
 from .recycling import recycled_empty
 
-__all__ = ["bounds_pay", "node_bounds"]
+__all__ = ["bounds_apply", "node_bounds"]
 
 
 @functools.cache
@@ -72,15 +74,9 @@ _BLOCK_ENTRIES = 2**21
 _MAX_COLUMNS = (2**31 - 1) // 127**2
 
 
-def bounds_pay(hidden: Tensor) -> bool:
-    """Whether :func:`node_bounds` runs for these hidden vectors: float32 or float64 on the
-    CPU, with int8 products measured fast (see :func:`_int8_products_fast`)."""
-    return (
-        hidden.device.type == "cpu"
-        and hidden.dtype in (torch.float32, torch.float64)
-        and hidden.shape[-1] + 1 <= _MAX_COLUMNS
-        and _int8_products_fast()
-    )
+def bounds_apply(hidden: Tensor) -> bool:
+    """Whether :func:`node_bounds` runs for these hidden vectors: float32 or float64, CPU."""
+    return hidden.device.type == "cpu" and hidden.dtype in (torch.float32, torch.float64)
 
 
 def _share(slot_mask: Tensor | None, like: Tensor) -> Tensor | None:
@@ -92,12 +88,51 @@ def _share(slot_mask: Tensor | None, like: Tensor) -> Tensor | None:
     return share / share.sum(-1, keepdim=True).clamp_min(1)
 
 
-def _node_logits(
+def _mean_logits(weight: Tensor, bias: Tensor, slot_mask: Tensor | None, hidden: Tensor) -> Tensor:
+    """``(n_top, N)`` the mean logit of each node over its valid slots."""
+    share = _share(slot_mask, weight)
+    if share is None:
+        mean_weight, mean_bias = weight.mean(1), bias.mean(1)
+    else:
+        mean_weight = torch.bmm(share, weight).squeeze(1)
+        mean_bias = (share.squeeze(1) * bias).sum(-1)
+    mean = recycled_empty(weight, "mean logits", (weight.shape[0], hidden.shape[0]), hidden.dtype)
+    return torch.addmm(mean_bias[:, None], mean_weight, hidden.T, out=mean)
+
+
+def _float_node_logits(
     weight: Tensor, bias: Tensor, slot_mask: Tensor | None, hidden: Tensor, step: int
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
+    """``(n_top, N)`` largest logit of each node over its valid slots, from a float product by
+    blocks of ``step`` nodes (each block's maximum taken while it is in cache), and a bound of
+    its rounding error and of the other products': ``K u / (1 - K u) |w|_2 |h|_2`` for sums of
+    ``K`` products with unit roundoff ``u``, four times over."""
+    rows = hidden.shape[0]
+    n_top, n_bottom, width = weight.shape
+    flat_weight, flat_bias = weight.reshape(-1, width), bias.reshape(-1, 1)
+    products = recycled_empty(weight, "float products", (step * n_bottom, rows), hidden.dtype)
+    largest = recycled_empty(weight, "float largest", (n_top, rows), hidden.dtype)
+    for start in range(0, n_top, step):
+        nodes = slice(start, min(start + step, n_top))
+        n, positions = nodes.stop - start, slice(start * n_bottom, nodes.stop * n_bottom)
+        logits = torch.addmm(
+            flat_bias[positions], flat_weight[positions], hidden.T, out=products[: n * n_bottom]
+        ).view(n, n_bottom, rows)
+        if slot_mask is not None:
+            logits.masked_fill_(~slot_mask[nodes, :, None], float("-inf"))
+        torch.amax(logits, 1, out=largest[nodes])
+    unit = torch.finfo(hidden.dtype).eps / 2
+    gamma = 4 * (width + 1) * unit / (1 - (width + 1) * unit)
+    w_size = torch.hypot(torch.linalg.vector_norm(weight, dim=-1), bias).amax(-1)
+    h_size = torch.hypot(torch.linalg.vector_norm(hidden, dim=-1), hidden.new_ones(()))
+    return largest, torch.outer(w_size * gamma, h_size)
+
+
+def _int8_node_logits(
+    weight: Tensor, bias: Tensor, slot_mask: Tensor | None, hidden: Tensor, step: int
+) -> tuple[Tensor, Tensor]:
     """``(n_top, N)`` largest logit of each node over its valid slots, from an int8 product by
-    blocks of ``step`` nodes, a bound of its error, and the exact mean logit (the product with
-    the nodes' mean weights).
+    blocks of ``step`` nodes, and a bound of its error.
 
     The bias is a last column of the weights (``hidden`` gets a column of ones). With
     ``h = s q + dh`` and ``w = t r + dw`` (int8 ``q`` and ``r``, a scale per row of ``hidden``
@@ -119,18 +154,12 @@ def _node_logits(
     w_int8 = recycled_empty(weight, "int8 rows", (step, n_bottom, columns), torch.int8)
     products = recycled_empty(weight, "int8 products", (step * n_bottom, rows), torch.int32)
     largest = recycled_empty(weight, "int8 largest", (n_top, rows), torch.int32)
-    mean_weight = weight.new_empty(n_top, width)
-    share = _share(slot_mask, weight)
     for nodes in blocks:
         n, block, block_bias = nodes.stop - nodes.start, weight[nodes], bias[nodes]
         scale = torch.maximum(block.amax((1, 2)), block.amin((1, 2)).neg_())
         scale = torch.maximum(scale, block_bias.abs().amax(1))
         w_scale[nodes] = scale.clamp_min_(torch.finfo(scale.dtype).tiny).div_(127)
         w_size[nodes] = torch.hypot(torch.linalg.vector_norm(block, dim=-1), block_bias).amax(-1)
-        if share is None:
-            torch.mean(block, 1, out=mean_weight[nodes])
-        else:
-            mean_weight[nodes] = torch.bmm(share[nodes], block).squeeze(1)
         inverse = scale.reciprocal()[:, None]
         torch.mul(block, inverse[..., None], out=rounded[:n]).round_()
         w_int8[:n, :, :width], w_int8[:n, :, width] = rounded[:n], block_bias.mul(inverse).round_()
@@ -140,17 +169,14 @@ def _node_logits(
         if slot_mask is not None:
             logits.masked_fill_(~slot_mask[nodes, :, None], torch.iinfo(torch.int32).min)
         torch.amax(logits, 1, out=largest[nodes])
-    mean_bias = bias.mean(1) if share is None else (share.squeeze(1) * bias).sum(-1)
     shape, dtype = (n_top, rows), hidden.dtype
-    mean = recycled_empty(weight, "mean logits", shape, dtype)
-    torch.addmm(mean_bias[:, None], mean_weight, hidden.T, out=mean)
     w_size += w_scale * (math.sqrt(columns) / 2)
     h_error_size = torch.linalg.vector_norm(h_error, dim=1)
     error = torch.outer(w_scale / 2, h_size, out=recycled_empty(weight, "errors", shape, dtype))
     error.addr_(w_size, h_error_size).mul_(1 + 2**-10)  # the margin covers float rounding
     largest_logits = recycled_empty(weight, "largest logits", shape, dtype)
     torch.mul(largest, w_scale[:, None], out=largest_logits).mul_(h_scale)
-    return largest_logits, error, mean
+    return largest_logits, error
 
 
 @torch.no_grad()
@@ -170,7 +196,7 @@ def node_bounds(
         slot_mask: ``(n_top, n_bottom)`` bool, ``True`` where a slot holds a class, or ``None``.
         hidden: ``(N, hidden)`` hidden vectors, float32 or float64, on the CPU.
         top: ``(N, n_top)`` top log-probabilities (``-inf`` for empty nodes).
-        nodes_per_block: how many nodes each int8 product takes. Default: about ``2**21``
+        nodes_per_block: how many nodes each product takes. Default: about ``2**21``
             products per block.
 
     Returns:
@@ -183,7 +209,10 @@ def node_bounds(
         log_count: Tensor | float = math.log(n_bottom)
     else:
         log_count = slot_mask.sum(-1, keepdim=True).clamp_min(1).to(hidden.dtype).log()
-    largest, error, mean = _node_logits(weight, bias, slot_mask, hidden, step)
+    int8 = hidden.shape[-1] + 1 <= _MAX_COLUMNS and _int8_products_fast()
+    largest_logits = _int8_node_logits if int8 else _float_node_logits
+    largest, error = largest_logits(weight, bias, slot_mask, hidden, step)
+    mean = _mean_logits(weight, bias, slot_mask, hidden)
     # top + m + e - max(m - e, a + log v) = top + min(2 e, m + e - a - log v), in place
     gap = mean.sub_(largest).sub_(error).add_(log_count).neg_()
     return top + torch.minimum(gap, error.mul_(2), out=gap).T.to(top.dtype)

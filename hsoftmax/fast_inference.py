@@ -8,9 +8,10 @@
   node is at least as probable as the ``k``-th class found get a second round over those nodes
   (their number rounded up to a power of two, to scan rows in a few groups), after which the
   answer is exact. A peaked top distribution (a trained model) needs a few nodes per row. A
-  flat one (an untrained model) would need most nodes: such rows first get a tighter bound per
-  node from an int8 product with a bounded error (:mod:`hsoftmax.bounds`) where int8 products
-  are measured faster than float32 ones, or are computed densely by blocks of nodes.
+  flat one (an untrained model) would need most nodes: such rows first get a tight bound per
+  node (:mod:`hsoftmax.bounds`: every logit is computed, by an int8 product where int8 products
+  are measured fast, but none is exponentiated, kept or sorted), which leaves a few nodes per
+  row to scan exactly.
 
 Both apply on the CPU outside compiled and traced graphs, :func:`log_probs` without autograd
 (:func:`applies`), and run where :func:`hsoftmax.fastpaths.measured_faster` found them faster
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor
 
 from . import fastpaths
-from .bounds import bounds_pay, node_bounds
+from .bounds import bounds_apply, node_bounds
 from .functional import (
     HierarchicalOutput,
     _all_positions_log_probs,
@@ -209,7 +210,7 @@ def _pruned_topk(
     if heavy:
         group = torch.cat(heavy)
         h, t = hidden[group], top[group]
-        if tight or group.shape[0] < _BOUND_ROWS or not bounds_pay(h):
+        if tight or group.shape[0] < _BOUND_ROWS or not bounds_apply(h):
             values[group], positions[group] = _dense_topk(out, h, t, k)
         else:
             tighter = node_bounds(out.bottom_weight, out.bottom_bias, out.slot_mask, h, t)

@@ -13,12 +13,19 @@ from hypothesis import strategies as st
 from reference import reference_log_probs
 from strategies import Case, cases
 
-from hsoftmax import HierarchicalSoftmax, bounds, fast_inference, fastpaths
+from hsoftmax import HierarchicalSoftmax, bounds, fast_inference
 
-pytestmark = [
-    pytest.mark.skipif(not bounds._int8_products_correct(), reason="no oneDNN int8 products"),
-    pytest.mark.usefixtures("fast"),
-]
+pytestmark = pytest.mark.usefixtures("fast")
+NO_INT8 = not bounds._int8_products_correct()
+
+
+@pytest.fixture(autouse=True, params=["int8", "float"])
+def products(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with the largest logits from int8 products and from float ones."""
+    if request.param == "int8" and NO_INT8:
+        pytest.skip("no oneDNN int8 products here")
+    monkeypatch.setattr(bounds, "_int8_products_fast", lambda: request.param == "int8")
+    return str(request.param)
 
 
 def _inputs(head: HierarchicalSoftmax, x: torch.Tensor) -> tuple:
@@ -51,13 +58,17 @@ def test_bounds_hold_for_every_node(case: Case, block: int) -> None:
     case=cases(),
     scales=st.tuples(*[st.sampled_from([0.0, 1e-6, 1e-2, 1.0, 1e3, 1e6])] * 3),
 )
-def test_int8_maxima_stay_within_their_error_and_means_are_exact(case: Case, scales: tuple) -> None:
+def test_maxima_stay_within_their_error_and_means_are_exact(
+    case: Case, scales: tuple, products: str
+) -> None:
     head, (w_scale, b_scale, h_scale) = case.head, scales
     weight = head.bottom_weight.detach() * w_scale
     bias = head.bottom_bias.detach() * b_scale
     hidden = head.activation(head.proj(case.x)).detach() * h_scale
     mask = head.slot_mask
-    largest, error, mean = bounds._node_logits(weight, bias, mask, hidden, 2)
+    maxima = bounds._int8_node_logits if products == "int8" else bounds._float_node_logits
+    largest, error = maxima(weight, bias, mask, hidden, 2)
+    mean = bounds._mean_logits(weight, bias, mask, hidden)
     logits = torch.einsum("bh,tsh->tbs", hidden, weight) + bias[:, None]
     valid = torch.ones_like(bias, dtype=torch.bool) if mask is None else mask
     exact = logits.masked_fill(~valid[:, None], -math.inf).amax(-1)
@@ -99,8 +110,7 @@ def test_topk_pruned_by_the_bounds_equals_brute_force(case: Case) -> None:
             assert all(len(set(row)) == k for row in indices.tolist())
 
 
-@pytest.mark.parametrize("int8", [True, False], ids=["int8-bounds", "dense"])
-def test_untrained_head_topk_takes_the_bounds_when_it_can(int8: bool) -> None:
+def test_untrained_head_topk_takes_the_bounds() -> None:
     torch.manual_seed(1)
     head = HierarchicalSoftmax(16, 64, 8, 12, num_classes=500)  # flat top: bounds needed
     x = torch.randn(64, 16)
@@ -108,35 +118,18 @@ def test_untrained_head_topk_takes_the_bounds_when_it_can(int8: bool) -> None:
     spy = mock.Mock(wraps=bounds.node_bounds)
     with (
         mock.patch.object(fast_inference, "node_bounds", spy),
-        mock.patch.object(bounds, "_int8_products_fast", lambda: int8),
         mock.patch.object(fast_inference, "_BOUND_ROWS", 1),
     ):
         values, indices = head.topk(x, 5)
-    assert spy.called == int8
+    assert spy.called
     torch.testing.assert_close(values, lp.topk(5).values)
     torch.testing.assert_close(lp.gather(1, indices), values)
 
 
-def test_bounds_apply_only_where_int8_products_are_exact_and_fast() -> None:
-    assert bounds.bounds_pay(torch.zeros(2, 3, dtype=torch.float64))
-    assert not bounds.bounds_pay(torch.zeros(2, 3, dtype=torch.float16))
-    assert not bounds.bounds_pay(torch.zeros(2, 3, device="meta"))
-    assert not bounds.bounds_pay(torch.zeros(2, bounds._MAX_COLUMNS))
-
-
-@pytest.mark.parametrize("int8_share", [0.0, 1e9], ids=["int8-slow", "int8-fast"])
-def test_int8_products_are_used_only_where_measured_fast(
-    monkeypatch: pytest.MonkeyPatch, int8_share: float
-) -> None:
-    """The capability check times the int8 product against float32 (an AVX2-only EPYC runs it
-    17x more slowly): here the int8 product is made to look slow by timing it many times."""
-    monkeypatch.setattr(fastpaths, "_policy", "measure")
-    monkeypatch.setattr(fastpaths, "_timings", {})
-    monkeypatch.setattr(bounds, "_INT8_SHARE", 1 / 64 if int8_share == 0.0 else 1.0)
-    if int8_share:  # the float32 product made slow instead
-        mm = torch.mm
-        monkeypatch.setattr(torch, "mm", lambda a, b: [mm(a, b) for _ in range(64)].pop())
-    assert bounds._int8_products_fast() == bool(int8_share)
+def test_bounds_apply_to_full_precision_on_the_cpu() -> None:
+    assert bounds.bounds_apply(torch.zeros(2, 3, dtype=torch.float64))
+    assert not bounds.bounds_apply(torch.zeros(2, 3, dtype=torch.float16))
+    assert not bounds.bounds_apply(torch.zeros(2, 3, device="meta"))
 
 
 def test_rows_that_go_dense_share_one_pass() -> None:
@@ -150,7 +143,7 @@ def test_rows_that_go_dense_share_one_pass() -> None:
     with (
         mock.patch.object(fast_inference, "_dense_topk", spy),
         mock.patch.object(fast_inference, "_dense_is_cheaper", lambda count, *_: count > 2),
-        mock.patch.object(bounds, "_int8_products_fast", lambda: False),
+        mock.patch.object(fast_inference, "bounds_apply", lambda _: False),
     ):
         values, indices = head.topk(x, 5)
         out = head(x)

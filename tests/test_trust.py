@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import hsoftmax
-from hsoftmax import HierarchicalCrossEntropy, HierarchicalSoftmax, fast_bottom, fastpaths
+from hsoftmax import HierarchicalCrossEntropy, HierarchicalSoftmax, bounds, fast_bottom, fastpaths
 
 
 def _head(seed: int = 0, **kwargs: object) -> HierarchicalSoftmax:
@@ -256,3 +256,20 @@ def test_a_fast_path_runs_only_where_measured_faster(
     assert runs == {"fast": 4, "reference": 4}  # timed once: a warm-up and three rounds
     fastpaths.clear_timings()
     assert not fastpaths._timings
+
+
+@pytest.mark.parametrize("int8_share", [0.0, 1e9], ids=["int8-slow", "int8-fast"])
+def test_int8_products_are_used_only_where_measured_fast(
+    monkeypatch: pytest.MonkeyPatch, int8_share: float
+) -> None:
+    """The capability check times the int8 product against float32 (an AVX2-only EPYC runs it
+    17x more slowly): here the int8 product is made to look slow by timing it many times."""
+    if not bounds._int8_products_correct():
+        pytest.skip("no oneDNN int8 products here")
+    monkeypatch.setattr(fastpaths, "_policy", "measure")
+    monkeypatch.setattr(fastpaths, "_timings", {})
+    monkeypatch.setattr(bounds, "_INT8_SHARE", 1 / 64 if int8_share == 0.0 else 1.0)
+    if int8_share:  # the float32 product made slow instead
+        mm = torch.mm
+        monkeypatch.setattr(torch, "mm", lambda a, b: [mm(a, b) for _ in range(64)].pop())
+    assert bounds._int8_products_fast() == bool(int8_share)
