@@ -6,7 +6,7 @@
 #     bash benchmarks/gpu_check.sh OUT_DIR
 #
 # Environment: TESTS (default: tests), TEST_WORKERS (6), TEST_TIMEOUT (240 s), BENCH_ONLY
-# (train,inference,memory,scaling), BENCH_TIMEOUT (seconds per part, 330). Logs and an archive
+# (train,inference,scaling), BENCH_TIMEOUT (seconds per part, 330). Logs and an archive
 # of benchmarks/results/*_cuda.* land in OUT_DIR, the archive refreshed after each part; `python
 # benchmarks/report.py` then rewrites the tables and plots from the CSVs.
 set -uo pipefail
@@ -21,7 +21,7 @@ timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -n "${TE
 echo "tests: exit $?"
 tail -n 15 "$out/tests.log"
 
-bench_only=${BENCH_ONLY:-train,inference,memory,scaling}
+bench_only=${BENCH_ONLY:-train,inference,scaling}
 for part in ${bench_only//,/ }; do
     timeout "${BENCH_TIMEOUT:-330}" python3 benchmarks/run_all.py --device cuda --rounds 1 \
         --no-report --only "$part" >>"$out/bench.log" 2>&1
