@@ -414,7 +414,7 @@ def headline(tables: dict[str, list[Row]]) -> str:
         base = {"flat": "`Linear(1792, C)`", "linear_ce": "`F.linear_cross_entropy`"}[h.versus]
         x = ratio(ref, ours, h.column)
         gb = ratio(reference(rows, ours, "gather_bmm"), ours) if (
-            ours and h.column == "time_ms") else None
+            ours and h.column == "time_ms" and h.versus == "flat") else None
         lines.append(f"| {h.what} | {shown[0]} | {base}: {shown[1]} | "
                      f"{f'{x:.1f}x' if x else ''} | {f'{gb:.2f}x' if gb else ''} |")
     return "\n".join(lines) + "\n"
