@@ -28,6 +28,11 @@ def _make_activation(activation: str | nn.Module) -> nn.Module:
     )
 
 
+def _fully_sharded(module: nn.Module) -> bool:
+    """Whether FSDP2's ``fully_shard`` manages ``module`` (it changes the module's class)."""
+    return any(cls.__name__ == "FSDPModule" for cls in type(module).__mro__)
+
+
 class HierarchicalSoftmax(nn.Module):
     """A two-level hierarchical softmax head, a drop-in replacement for a final ``nn.Linear``.
 
@@ -212,6 +217,8 @@ class HierarchicalSoftmax(nn.Module):
         bias: Tensor = self.bottom_bias
         if not torch.is_grad_enabled():  # a loss computed later must not train the bottoms
             weight, bias = weight.detach(), bias.detach()
+        if _fully_sharded(self):  # FSDP2 frees the gathered parameters when forward returns
+            weight, bias = weight.clone(), bias.clone()
         return HierarchicalOutput(
             hidden,
             top_logits,
