@@ -65,9 +65,9 @@ def _label(r: Row) -> str:
 
 
 def _sorted(rows: Sequence[Row]) -> list[Row]:
-    def key(r: Row) -> tuple[int, str, int, str, str]:
+    def key(r: Row) -> tuple[int, str, int, str, int]:
         m = ORDER.index(r["method"]) if r["method"] in ORDER else 99
-        return (int(r["classes"]), r["contention"], m, r["variant"], r["threads"])
+        return (int(r["classes"]), r["contention"], m, r["variant"], -int(r["threads"] or 0))
 
     return sorted(rows, key=key)
 

@@ -82,7 +82,7 @@ def scaling_suite(opts: Options) -> Built:
     tasks: list[Task] = []
     est: dict[tuple[Any, ...], int] = {}
     base = opts.preset.shape
-    for classes in opts.preset.scaling_classes:
+    for classes in opts.extra.get("classes") or opts.preset.scaling_classes:
         shape = HeadShape.for_classes(classes, in_features=base.in_features, hidden=base.hidden,
                                       n_bottom=base.n_bottom, batch=base.batch)
         # the big heads: one warm-up call and a short window (a call takes seconds)
@@ -141,6 +141,9 @@ def parse(argv: Sequence[str] | None) -> tuple[list[str], Options, argparse.Name
                    help="seconds of blocked_autorange per task and round (preset: 1.0)")
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--classes", default="",
+                   help="class counts of the scaling suite (default: the preset's; full: "
+                        "1000,10000,80000,1000000,10000000)")
     p.add_argument("--loads", default="none," + ",".join(LOADS),
                    help="background loads of the contention suite (default: none,gemm,python)")
     p.add_argument("--out", type=Path, default=None,
@@ -172,7 +175,8 @@ def parse(argv: Sequence[str] | None) -> tuple[list[str], Options, argparse.Name
         out=a.out or (HERE / "results" if preset.name == "full" else HERE / "results" / "tmp"),
         mem_budget_bytes=(int(a.mem_budget_gb * 2**30) if a.mem_budget_gb
                           else default_mem_budget(a.device)),
-        shared_machine=a.shared_machine, timeout_s=a.timeout, extra={"loads": loads},
+        shared_machine=a.shared_machine, timeout_s=a.timeout,
+        extra={"loads": loads, "classes": tuple(int(c) for c in a.classes.split(",") if c)},
     )
     return only, opts, a
 

@@ -199,6 +199,8 @@ def _run(task: Any, res: dict[str, Any]) -> None:
         baseline = _memory_now(task)
     m = _build(task, task.shape)
     res["notes"].append(m.notes.get("topk" if task.task.startswith("topk") else task.task, ""))
+    if task.method == "hsoftmax_reference":
+        res["notes"].append("reference path forced (HSOFTMAX_REFERENCE=1)")
     batches = _batches(task, task.shape)
     if task.task == "train":
         m.train()
