@@ -117,9 +117,40 @@ def test_swap_resnet_logic_with_a_stand_in_torchvision(tmp_path: Path) -> None:
     assert "exact top-5 classes" in result.stdout
 
 
+def test_gpt_lm_head_quick(tmp_path: Path) -> None:
+    """A tiny GPT-2 from transformers with flat and hierarchical LM heads, if it imports."""
+    result = _run("gpt_lm_head.py", "--quick", "--out", str(tmp_path))
+    if result.returncode == 2 and "pip install transformers" in result.stderr:
+        pytest.skip("transformers cannot be imported here")
+    _ok(result)
+    assert "perplexity floor" in result.stdout
+    rows = list(csv.DictReader((tmp_path / "gpt_lm_head.csv").read_text().splitlines()))
+    assert [r["head"] for r in rows] == ["flat tied", "flat untied", "hier", "hier random"]
+    assert all(float(r["valid_ppl"]) > float(r["oracle_ppl"]) for r in rows)
+    assert rows[0]["head_params"] == "0"  # tied to the input embedding
+    assert (tmp_path / "gpt_lm_head.md").read_text().count("\n|") >= 5
+
+
+def test_gpt_lm_head_without_transformers(tmp_path: Path) -> None:
+    """Exit status 2 and what to install, with a transformers that cannot be imported."""
+    (tmp_path / "transformers").mkdir()
+    (tmp_path / "transformers" / "__init__.py").write_text("raise ImportError('stand-in')\n")
+    result = _run("gpt_lm_head.py", "--quick", extra_path=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "pip install transformers" in result.stderr
+
+
 @pytest.mark.parametrize("stem, rows", [("synthetic_taxonomy", 5), ("language_model", 5)])
 def test_committed_results_come_from_full_runs(stem: str, rows: int) -> None:
     table = (RESULTS / f"{stem}.md").read_text()
     assert f"`python examples/{stem}.py`" in table  # the full command, not --quick
     assert len(list(csv.DictReader((RESULTS / f"{stem}.csv").read_text().splitlines()))) == rows
     assert (RESULTS / f"{stem}.png").exists()
+
+
+def test_committed_gpt_lm_head_results_come_from_a_full_run() -> None:
+    table = (RESULTS / "gpt_lm_head.md").read_text()
+    assert "`python examples/gpt_lm_head.py`" in table  # the full command, not --quick
+    rows = list(csv.DictReader((RESULTS / "gpt_lm_head.csv").read_text().splitlines()))
+    assert [r["head"] for r in rows] == ["flat tied", "flat untied", "hier", "hier random"]
+    assert len({(r["steps"], r["vocab"]) for r in rows}) == 1  # one budget and vocabulary
