@@ -22,13 +22,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .checks import check_int, check_tolerance
+
 __all__ = ["slots_from_embeddings", "slots_from_taxonomy", "suggest_shape"]
-
-
-def _check_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"expected {name} to be a positive int, got {value!r}")
-    return value
 
 
 def _check_capacity(num_classes: int, n_top: int, n_bottom: int) -> None:
@@ -67,13 +63,8 @@ def suggest_shape(num_classes: int, tolerance: float = 0.05) -> tuple[int, int]:
         >>> suggest_shape(1000)
         (40, 25)
     """
-    _check_int("num_classes", num_classes)
-    if (
-        not isinstance(tolerance, (int, float))
-        or isinstance(tolerance, bool)
-        or not 0 <= tolerance < math.inf
-    ):
-        raise ValueError(f"expected tolerance to be a finite number >= 0, got {tolerance!r}")
+    check_int("num_classes", num_classes)
+    check_tolerance(tolerance)
     n_bottom = np.arange(1, math.isqrt(num_classes - 1) + 2, dtype=np.int64)
     n_bottom = n_bottom[n_bottom <= max(1, math.ceil(math.sqrt(num_classes)))]
     n_top = -(-num_classes // n_bottom)
@@ -143,8 +134,8 @@ def slots_from_taxonomy(
         >>> (slots // 3).tolist()  # the node of each class
         [1, 0, 1, 0, 0, 2, 1]
     """
-    _check_int("n_top", n_top)
-    _check_int("n_bottom", n_bottom)
+    check_int("n_top", n_top)
+    check_int("n_bottom", n_bottom)
     parent = _as_long_vector("parents", parents).cpu()
     num_classes = parent.numel()
     _check_capacity(num_classes, n_top, n_bottom)
@@ -297,9 +288,9 @@ def slots_from_embeddings(
         >>> bool((nodes == nodes[:, :1]).all()), len(set(nodes[:, 0].tolist()))
         (True, 3)
     """
-    _check_int("n_top", n_top)
-    _check_int("n_bottom", n_bottom)
-    _check_int("iters", iters)
+    check_int("n_top", n_top)
+    check_int("n_bottom", n_bottom)
+    check_int("iters", iters)
     if not isinstance(embeddings, Tensor) or not embeddings.dtype.is_floating_point:
         got = embeddings.dtype if isinstance(embeddings, Tensor) else type(embeddings).__name__
         raise TypeError(f"expected embeddings to be a floating-point torch.Tensor, got {got}")

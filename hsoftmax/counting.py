@@ -40,6 +40,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .checks import check_int
+
 __all__ = [
     "EFFICIENTNET_B4_BACKBONE_PARAMS",
     "HeadCount",
@@ -68,13 +70,6 @@ _TORCH_DTYPES = {
     torch.bfloat16: "bf16",
     torch.float64: "fp64",
 }
-
-
-def _check_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-        raise ValueError(f"expected {name} to be {kind}, got {value!r}")
-    return value
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
@@ -117,8 +112,8 @@ def flat_head_parameters(in_features: int, num_classes: int, bias: bool = True) 
         >>> flat_head_parameters(1792, 80_000, bias=False)
         143360000
     """
-    _check_int("in_features", in_features)
-    _check_int("num_classes", num_classes)
+    check_int("in_features", in_features)
+    check_int("num_classes", num_classes)
     return in_features * num_classes + (num_classes if bias else 0)
 
 
@@ -142,9 +137,9 @@ def bottleneck_head_parameters(
         >>> bottleneck_head_parameters(1792, 80_000, 128)
         10549504
     """
-    _check_int("in_features", in_features)
-    _check_int("num_classes", num_classes)
-    _check_int("hidden", hidden)
+    check_int("in_features", in_features)
+    check_int("num_classes", num_classes)
+    check_int("hidden", hidden)
     return in_features * hidden + hidden * num_classes + ((hidden + num_classes) if bias else 0)
 
 
@@ -175,10 +170,10 @@ def hierarchical_head_parameters(
         >>> hierarchical_head_parameters(1792, 1000, 80, 128)
         10678504
     """
-    _check_int("in_features", in_features)
-    _check_int("n_top", n_top)
-    _check_int("n_bottom", n_bottom)
-    _check_int("hidden", hidden)
+    check_int("in_features", in_features)
+    check_int("n_top", n_top)
+    check_int("n_bottom", n_bottom)
+    check_int("hidden", hidden)
     weights = in_features * hidden + hidden * n_top + n_top * n_bottom * hidden
     biases = hidden + n_top + n_top * n_bottom
     return weights + (biases if bias else 0)
@@ -215,7 +210,7 @@ def parameter_bytes(num_params: int, dtype: str | torch.dtype = "fp32") -> int:
         >>> parameter_bytes(1000, torch.float32)
         4000
     """
-    _check_int("num_params", num_params, minimum=0)
+    check_int("num_params", num_params, minimum=0)
     return num_params * _DTYPE_BYTES[_dtype_name(dtype)]
 
 
@@ -297,13 +292,13 @@ def compare_heads(
         >>> round(bottleneck.train_flops / hier.train_flops)
         28
     """
-    _check_int("in_features", in_features)
-    _check_int("num_classes", num_classes)
-    _check_int("n_bottom", n_bottom)
-    _check_int("hidden", hidden)
+    check_int("in_features", in_features)
+    check_int("num_classes", num_classes)
+    check_int("n_bottom", n_bottom)
+    check_int("hidden", hidden)
     if n_top is None:
         n_top = -(-num_classes // n_bottom)
-    _check_int("n_top", n_top)
+    check_int("n_top", n_top)
     if n_top * n_bottom < num_classes:
         raise ValueError(
             f"expected n_top * n_bottom >= num_classes ({num_classes}), "
@@ -478,7 +473,7 @@ def paper_table(
         >>> round(flat.total / hier.total, 2)
         5.7
     """
-    _check_int("backbone_params", backbone_params, minimum=0)
+    check_int("backbone_params", backbone_params, minimum=0)
     heads = compare_heads(in_features, num_classes, n_bottom, hidden, n_top=n_top)
     names = ("backbone + flat", "backbone + bottleneck-flat", "backbone + hierarchical")
     rows = [

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import bottom, fast_bottom
+from .checks import check_loss_options, check_target, check_target_values
 
 __all__ = [
     "HierarchicalOutput",
@@ -33,9 +34,6 @@ __all__ = [
     "predict",
     "topk",
 ]
-
-_REDUCTIONS = ("none", "mean", "sum")
-
 
 class HierarchicalOutput(NamedTuple):
     """What :class:`~hsoftmax.HierarchicalSoftmax` returns: everything the loss and inference need.
@@ -215,45 +213,6 @@ def _pick(top: Tensor, bottom: Tensor, node: Tensor, slot: Tensor) -> Tensor:
     return (top.gather(1, node.unsqueeze(1)) + bottom.gather(1, slot.unsqueeze(1))).squeeze(1)
 
 
-def check_loss_options(reduction: str, label_smoothing: float) -> None:
-    """Raise a ``ValueError`` for an unknown ``reduction`` or a ``label_smoothing`` outside
-    ``[0, 1]``."""
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"expected reduction in {_REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"expected label_smoothing in [0, 1], got {label_smoothing}")
-
-
-def _check_target_type(out: HierarchicalOutput, target: Tensor) -> None:
-    if not isinstance(target, Tensor):
-        raise TypeError(f"expected target to be a torch.Tensor, got {type(target).__name__}")
-    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-        raise TypeError(f"expected target of an integer dtype (class ids), got {target.dtype}")
-    batch_shape = out.hidden.shape[:-1]
-    if target.shape != batch_shape:
-        raise ValueError(
-            f"expected target of shape {tuple(batch_shape)} (the input's leading dimensions), "
-            f"got {tuple(target.shape)}"
-        )
-
-
-def _check_target(out: HierarchicalOutput, target: Tensor, ignore_index: int) -> None:
-    num_classes = out.num_classes
-    outside = (target < 0) | (target >= num_classes)
-    message = f"expected target in [0, {num_classes}) or ignore_index={ignore_index}"
-    if torch._C._are_functorch_transforms_active():
-        return  # no data-dependent check under vmap; an index out of range still raises
-    if target.device.type == "cpu" and not torch.compiler.is_compiling():
-        if bool(outside.any()):  # then look past the ignored entries
-            values = target[outside & (target != ignore_index)]
-            if values.numel():
-                raise IndexError(
-                    f"{message}, got values in [{int(values.min())}, {int(values.max())}]"
-                )
-    else:  # no host sync on accelerators or in compiled graphs
-        torch._assert_async(~(outside & (target != ignore_index)).any(), message)
-
-
 def hierarchical_cross_entropy(
     out: HierarchicalOutput,
     target: Tensor,
@@ -306,9 +265,8 @@ def hierarchical_cross_entropy(
         True
     """
     check_loss_options(reduction, label_smoothing)
-    _check_target_type(out, target)
-    target = target.long()  # before comparing: -100 is not a uint8 value
-    _check_target(out, target, ignore_index)
+    target = check_target(target, tuple(out.hidden.shape[:-1]))
+    check_target_values(target, out.num_classes, ignore_index)
     if weight is not None and weight.shape != (out.num_classes,):
         raise ValueError(
             f"expected weight of shape ({out.num_classes},) (one per class), "

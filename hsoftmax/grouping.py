@@ -14,14 +14,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .checks import check_int, check_integer_tensor
+
 __all__ = ["ClassLayout", "check_class_slots", "class_layout"]
-
-
-def check_size(name: str, value: object) -> int:
-    """Raise a ``ValueError`` unless ``value`` is a positive int (``bool`` excluded)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"expected {name} to be a positive int, got {value!r}")
-    return value
 
 
 def check_class_slots(class_slots: object, num_classes: int, n_top: int, n_bottom: int) -> Tensor:
@@ -45,16 +40,7 @@ def check_class_slots(class_slots: object, num_classes: int, n_top: int, n_botto
         >>> check_class_slots(torch.tensor([3, 0, 1]), num_classes=3, n_top=2, n_bottom=2)
         tensor([3, 0, 1])
     """
-    if not isinstance(class_slots, Tensor):
-        raise TypeError(
-            f"expected class_slots to be an integer torch.Tensor, got {type(class_slots).__name__}"
-        )
-    if (
-        class_slots.dtype.is_floating_point
-        or class_slots.dtype.is_complex
-        or (class_slots.dtype == torch.bool)
-    ):
-        raise TypeError(f"expected class_slots of an integer dtype, got {class_slots.dtype}")
+    class_slots = check_integer_tensor("class_slots", class_slots)
     if class_slots.dim() != 1:
         raise ValueError(
             f"expected a 1-D class_slots (one position per class), got shape "
@@ -119,12 +105,12 @@ def class_layout(
         tensor([[ True,  True,  True],
                 [ True,  True, False]])
     """
-    check_size("n_top", n_top)
-    check_size("n_bottom", n_bottom)
+    check_int("n_top", n_top)
+    check_int("n_bottom", n_bottom)
     positions = n_top * n_bottom
     if num_classes is None:
         num_classes = positions if class_slots is None else len(class_slots)
-    check_size("num_classes", num_classes)
+    check_int("num_classes", num_classes)
     if num_classes > positions:
         raise ValueError(
             f"expected num_classes in [1, {positions}] (n_top * n_bottom), got {num_classes}"

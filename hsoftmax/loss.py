@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .functional import HierarchicalOutput, check_loss_options, hierarchical_cross_entropy
+from .checks import check_loss_options
+from .functional import HierarchicalOutput, hierarchical_cross_entropy
 
 __all__ = ["HierarchicalCrossEntropy"]
 

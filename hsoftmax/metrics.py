@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from . import functional as HF
+from .checks import check_integer_tensor
 from .functional import HierarchicalOutput
 
 __all__ = [
@@ -63,10 +64,7 @@ def _scores(scores: object) -> Tensor:
 
 
 def _check_target(target: object, shape: tuple[int, ...], num_classes: int | None) -> Tensor:
-    if not isinstance(target, Tensor):
-        raise TypeError(f"expected target to be a torch.Tensor, got {type(target).__name__}")
-    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-        raise TypeError(f"expected target of an integer dtype, got {target.dtype}")
+    target = check_integer_tensor("target", target)
     if tuple(target.shape) != shape:
         raise ValueError(f"expected target of shape {shape}, got {tuple(target.shape)}")
     if target.numel():

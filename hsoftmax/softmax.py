@@ -5,13 +5,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from . import functional as HF
+from .checks import check_flag, check_floating_dtype, check_input, check_int
 from .functional import HierarchicalOutput
-from .grouping import ClassLayout, check_size, class_layout
+from .grouping import ClassLayout, class_layout
 
 __all__ = ["HierarchicalSoftmax"]
 
@@ -110,12 +110,10 @@ class HierarchicalSoftmax(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_size("in_features", in_features)
-        check_size("hidden", hidden)
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"expected a floating torch.dtype for the parameters, got {dtype!r}")
-        if not (isinstance(sparse, (bool, np.bool_)) or (type(sparse) is int and sparse in (0, 1))):
-            raise TypeError(f"expected sparse to be a bool, got {sparse!r}")
+        check_int("in_features", in_features)
+        check_int("hidden", hidden)
+        check_floating_dtype(dtype)
+        sparse = check_flag("sparse", sparse)
         if class_slots is not None and isinstance(class_slots, Tensor):
             class_slots = class_slots.cpu()
         layout = class_layout(n_top, n_bottom, num_classes, class_slots)
@@ -124,7 +122,7 @@ class HierarchicalSoftmax(nn.Module):
         self.n_top = n_top
         self.n_bottom = n_bottom
         self.hidden = hidden
-        self.sparse = bool(sparse)
+        self.sparse = sparse
         self.proj = nn.Linear(in_features, hidden, **factory)
         self.activation = _make_activation(activation)
         self.top = nn.Linear(hidden, n_top, **factory)
@@ -188,17 +186,6 @@ class HierarchicalSoftmax(nn.Module):
             + (", sparse=True" if self.sparse else "")
         )
 
-    def _check_input(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"expected input to be a torch.Tensor, got {type(x).__name__}")
-        if not x.dtype.is_floating_point:
-            raise TypeError(f"expected a floating-point input, got {x.dtype}")
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"expected input of shape (*, {self.in_features}) (in_features), "
-                f"got {tuple(x.shape)}"
-            )
-
     def forward(self, x: Tensor) -> HierarchicalOutput:
         """Project the input and compute the top logits; the bottom layers stay untouched.
 
@@ -208,7 +195,7 @@ class HierarchicalSoftmax(nn.Module):
         Returns:
             A :class:`~hsoftmax.functional.HierarchicalOutput` for the loss and inference.
         """
-        self._check_input(x)
+        check_input(x, self.in_features)
         hidden = self.activation(self.proj(x))
         top_logits = self.top(hidden)
         if self.node_mask is not None:

@@ -9,7 +9,8 @@ of the processes once.
 DDP runs without ``find_unused_parameters``: every parameter gets a gradient at every step,
 even when the targets of a batch touch only one or two nodes, because the loss gathers the
 rows of the target nodes from one ``(n_top, n_bottom, hidden)`` parameter, whose gradient is
-dense (zero outside the touched nodes). DDP raises at the next step if a parameter got no gradient, so several steps are run.
+dense (zero outside the touched nodes). DDP raises at the next step if a parameter got no
+gradient, so several steps are run.
 ``sparse=True`` heads do not train under DDP (it expects sparse gradients from
 ``nn.Embedding`` only).
 
