@@ -15,7 +15,6 @@ from .counting import (
 )
 from .fastpaths import use_reference_path
 from .functional import HierarchicalOutput
-from .grouping import ClassLayout, check_class_slots, class_layout
 from .loss import HierarchicalCrossEntropy
 from .metrics import (
     RankingMetrics,
@@ -31,7 +30,6 @@ from .softmax import HierarchicalSoftmax
 __version__ = "0.1.0"
 
 __all__ = [
-    "ClassLayout",
     "HeadCount",
     "HierarchicalCrossEntropy",
     "HierarchicalOutput",
@@ -40,8 +38,6 @@ __all__ = [
     "SparseRowAdamW",
     "__version__",
     "bottleneck_head_parameters",
-    "check_class_slots",
-    "class_layout",
     "compare_heads",
     "count_parameters",
     "evaluate",
