@@ -34,6 +34,9 @@ _policy = "reference" if os.environ.get("HSOFTMAX_REFERENCE", "") not in ("", "0
 _timings: dict[Hashable, bool] = {}
 _lock = threading.Lock()
 _ROUNDS = 3
+#: A call whose reference path takes less than this keeps it: timing both paths would cost more
+#: than a fast path could save.
+_WORTH_TIMING_S = 1e-3
 
 
 def use_reference_path(enabled: bool = True) -> None:
@@ -82,8 +85,10 @@ def measured_faster(
 ) -> bool:
     """Whether the fast path may run for calls of kind ``key``.
 
-    Under the default policy, the first call of each ``key`` runs both paths once to warm up,
-    then ``3`` alternating rounds, and keeps the answer (the best round of each) for the process.
+    Under the default policy, the first call of each ``key`` runs the reference once; if it took
+    less than a millisecond, the reference is kept. Otherwise the fast path runs once to warm up,
+    then both run ``3`` alternating rounds, and the answer (the best round of each) is kept for
+    the process.
 
     Args:
         key: what the speed of the call depends on (device, dtypes, shapes, batch size bucket).
@@ -96,8 +101,13 @@ def measured_faster(
         known = _timings.get(key)
     if known is not None:
         return known
-    fast(), reference()
-    best_fast = best_reference = float("inf")
+    best_reference = _seconds(reference)
+    if best_reference < _WORTH_TIMING_S:  # too small a call to gain from a fast path
+        with _lock:
+            _timings[key] = False
+        return False
+    fast()
+    best_fast = float("inf")
     for _ in range(_ROUNDS):
         best_fast = min(best_fast, _seconds(fast))
         best_reference = min(best_reference, _seconds(reference))

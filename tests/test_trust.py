@@ -248,7 +248,7 @@ def test_a_fast_path_runs_only_where_measured_faster(
 
         return call
 
-    slow, quick = 0.02, 0.0
+    slow, quick = 0.02, 0.005
     fast = run("fast", quick if fast_is_faster else slow)
     reference = run("reference", slow if fast_is_faster else quick)
     assert fastpaths.measured_faster("key", fast, reference) == fast_is_faster
@@ -256,6 +256,8 @@ def test_a_fast_path_runs_only_where_measured_faster(
     assert runs == {"fast": 4, "reference": 4}  # timed once: a warm-up and three rounds
     fastpaths.clear_timings()
     assert not fastpaths._timings
+    assert not fastpaths.measured_faster("tiny", run("fast", 0.0), run("reference", 0.0))
+    assert runs["fast"] == 4  # a call too small to time keeps the reference, untimed
 
 
 @pytest.mark.parametrize("int8_share", [0.0, 1e9], ids=["int8-slow", "int8-fast"])
