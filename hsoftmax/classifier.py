@@ -24,7 +24,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from .softmax import HierarchicalSoftmax
 
-__all__ = ["CLASSIFIER_PATHS", "find_classifier", "replace_classifier"]
+__all__ = ["CLASSIFIER_PATHS", "CONVENTIONS", "Convention", "find_classifier", "replace_classifier"]
 
 
 def _get(model: nn.Module, path: str) -> Any:
