@@ -468,7 +468,7 @@ def estimate_train_bytes(name: str, shape: HeadShape, optimizer: str, itemsize: 
     if name in ("flat", "flat_bottleneck"):
         act = 4 * b * c
     elif name == "linear_ce":
-        act = b * c  # chunked: a slice of the logits at a time
+        act = b * c + c * shape.in_features  # a slice of the logits, a weight-gradient scratch
     elif name == "adaptive":
         act = 4 * b * max(adaptive_cutoffs(c)[0], c // 2)
     else:

@@ -105,14 +105,14 @@ class Task:
         return Task(**{**d, "shape": HeadShape(**d["shape"])})
 
     def key(self) -> tuple[Any, ...]:
-        return (self.task, self.method, self.variant, self.shape.classes, self.threads,
-                self.contention)
+        return (self.task, self.method, self.variant, self.shape.classes, self.shape.batch,
+                self.threads, self.contention)
 
     def label(self) -> str:
         extra = f" {self.threads} thr" if self.threads != 2 else ""
         extra += f" + {self.contention}" if self.contention != "none" else ""
         v = f"/{self.variant}" if self.variant else ""
-        return f"{self.task} {self.method}{v} C={self.shape.classes:,}{extra}"
+        return f"{self.task} {self.method}{v} C={self.shape.classes:,} B={self.shape.batch}{extra}"
 
 
 @dataclass

@@ -130,7 +130,8 @@ def table(rows: Sequence[Row], all_rows: Sequence[Row]) -> str:
         vs = [ratio(reference(all_rows, r, m), r) for m in ("flat", "gather_bmm")]
         quart = (f"{_fmt(_f(r['q25_ms']))}-{_fmt(_f(r['q75_ms']))}" if r["q25_ms"] else "")
         note = f"**skipped**: {r['skip_reason']}" if r["skip_reason"] else r["note"]
-        cells = [f"`{_label(r)}`", f"{int(r['classes']):,}", r["contention"],
+        batch = "" if r["batch"] == all_rows[0]["batch"] else f" (batch {r['batch']})"
+        cells = [f"`{_label(r)}`", f"{int(r['classes']):,}{batch}", r["contention"],
                  _fmt(_f(r["time_ms"])), quart, r["runs"],
                  *(f"{x:.2f}x" if x else "" for x in vs), _fmt(_f(r["peak_mb"])),
                  r["verified"], note.replace("|", "\\|")]
@@ -209,9 +210,11 @@ def plots(suite: str, rows: Sequence[Row], stem: Path) -> list[Path]:
         for column, what, name in (("time_ms", "training step (ms)", ""),
                                    ("peak_mb", "peak training memory (MB)", "_memory")):
             fig, ax = plt.subplots(figsize=(8, 5.5))
+            batch = rows[0]["batch"]  # the preset's; the big-batch rows are in the tables
             for m in ORDER:
                 pts = sorted((int(r["classes"]), float(r[column])) for r in rows
-                             if r["method"] == m and r["task"] == "train" and _f(r[column]))
+                             if r["method"] == m and r["task"] == "train" and _f(r[column])
+                             and r["batch"] == batch)
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=m, color=COLORS[m])
             if not ax.lines:
@@ -224,9 +227,9 @@ def plots(suite: str, rows: Sequence[Row], stem: Path) -> list[Path]:
             out.append(_figure(rows, stem.with_name(stem.name + name + ".png"), fig))
         return out
     task = {"train": "train", "inference": "topk5", "contention": "train"}[suite]
-    main = int(rows[0]["classes"])
+    main, batch = int(rows[0]["classes"]), rows[0]["batch"]
     picked = [r for r in _sorted(rows) if r["task"] == task and _f(r["time_ms"])
-              and int(r["classes"]) == main]
+              and int(r["classes"]) == main and r["batch"] == batch]
     if not picked:
         return []
     labels = [_label(r) + (f" + {r['contention']}" if suite == "contention" else "")
@@ -332,18 +335,20 @@ def summary(tables: dict[str, list[Row]], title: str) -> str:
 
 def _linear_ce_lines(rows: Sequence[Row]) -> list[str]:
     """The chunked ``linear_cross_entropy`` beside the plain flat step, per class count."""
-    out = ["| classes | flat step (ms) | linear_ce step (ms) | flat peak (MB) | linear_ce peak "
-           "(MB) | hierarchical step (ms) | hierarchical peak (MB) |", "|" + "---|" * 7]
+    out = ["| classes | batch | flat step (ms) | linear_ce step (ms) | flat peak (MB) | "
+           "linear_ce peak (MB) | hierarchical step (ms) | hierarchical peak (MB) |",
+           "|" + "---|" * 8]
     seen = set()
-    for r in sorted(rows, key=lambda r: int(r["classes"])):
-        if r["task"] != "train" or r["method"] != "linear_ce" or r["classes"] in seen:
+    for r in sorted(rows, key=lambda r: (int(r["classes"]), int(r["batch"]))):
+        if r["task"] != "train" or r["method"] != "linear_ce" or (r["classes"], r["batch"]) in seen:
             continue
-        seen.add(r["classes"])
+        seen.add((r["classes"], r["batch"]))
         flat, ours = (reference(rows, r, m) for m in ("flat", "hsoftmax"))
-        cells = [f"{int(r['classes']):,}"]
+        cells = [f"{int(r['classes']):,}", r["batch"]]
         for col in ("time_ms", "peak_mb"):
             for x in (flat, r):
-                cells.append(_fmt(_f(x.get(col))) or x.get("skip_reason", "")[:60] or "")
+                why = x.get("skip_reason", "").split(":")[0]
+                cells.append(_fmt(_f(x.get(col))) or (f"skipped: {why}" if why else ""))
         cells += [_fmt(_f(ours.get("time_ms"))), _fmt(_f(ours.get("peak_mb")))]
         out.append("| " + " | ".join(cells) + " |")
     return out if seen else []
