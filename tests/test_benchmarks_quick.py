@@ -1,7 +1,7 @@
 """Smoke tests of the benchmarks: the machinery end to end on a tiny head, in seconds.
 
-``run_all.py --preset tiny`` runs the train, inference and contention suites in-process (one
-thread, a plain-Python background load), then the report; one task also goes through a worker
+``run_all.py --preset tiny`` runs every suite in-process (one thread, a plain-Python background
+load), then the report; one task also goes through a worker
 process, the path the real runs take. The heavy runs live in ``benchmarks/`` and are never run
 by the tests.
 """
@@ -28,9 +28,8 @@ baselines = pytest.importorskip("baselines")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     out = tmp_path_factory.mktemp("bench")
     written = run_all.main(["--preset", "tiny", "--threads", "1", "--out", str(out),
-                            "--only", "train,inference,contention", "--loads", "none,python",
-                            "--readme", "", "--no-report"])
-    assert written == [out / f"{s}_cpu_tiny.csv" for s in ("train", "inference", "contention")]
+                            "--loads", "none,python", "--readme", "", "--no-report"])
+    assert written == [out / f"{s}_cpu_tiny.csv" for s in report.SUITES]
     for path in written:
         with open(path) as f:
             assert tuple(f.readline().strip().split(",")) == harness.COLUMNS
@@ -45,7 +44,7 @@ def test_tiny_suites_write_verified_rows(tiny_run: tuple[Path, dict[str, Any]]) 
                                               "gather_bmm", "hsoftmax", "hsoftmax_sparse"}
     for r in rows:
         assert r["torch"] and r["device"] == "cpu" and r["threads"] == "1" and r["date"]
-        assert r["dtype"] == "float32" and r["batch"] == "16"
+        assert r["dtype"] == "float32" and r["batch"] in ("16", "128")
     for r in measured:
         assert 0 < float(r["q25_ms"]) <= float(r["time_ms"]) <= float(r["q75_ms"]), r
         assert r["verified"] == "True", r
@@ -55,6 +54,8 @@ def test_tiny_suites_write_verified_rows(tiny_run: tuple[Path, dict[str, Any]]) 
     via = [r for r in tables["inference"] if r["variant"] == "via_log_probs"]
     assert len(via) == 1 and via[0]["note"] == "log_probs(x).topk(k)"
     assert {r["contention"] for r in tables["contention"]} == {"none", "python"}
+    big = [r for r in tables["scaling"] if r["batch"] == "128"]  # 8 x the batch, for linear_ce
+    assert {r["method"] for r in big} == {"flat", "linear_ce", "hsoftmax"}
 
 
 def test_report_ratios_summary_and_plots(tiny_run: tuple[Path, dict[str, Any]]) -> None:
@@ -70,9 +71,10 @@ def test_report_ratios_summary_and_plots(tiny_run: tuple[Path, dict[str, Any]]) 
     for t in report.TARGETS:
         assert t.what in summary
     assert "## Under CPU contention" in summary and "python / quiet" in summary
+    assert "| 100 | 128 |" in summary  # linear_ce beside flat at 8 x the batch
     head = report.headline(tables)
     assert head.count("\n") == len(report.HEADLINES) + 2
-    assert "not measured" in head  # no scaling CSV here
+    assert "not measured" in head  # the tiny scaling run has no 1M or 10M classes
 
 
 def test_worker_process_reports_time_and_peak_memory() -> None:
