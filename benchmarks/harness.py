@@ -70,7 +70,7 @@ PRESETS: dict[str, Preset] = {
     # the test suite's smoke run: seconds, in-process
     "tiny": Preset("tiny", HeadShape(64, 16, 10, 10, None, 16), (100, 1000), 1, 0.01, 1,
                    "inprocess"),
-    # a minute or two: a small head, one round, in-process (indicative numbers, no memory)
+    # under a minute: a small head, one round, in-process (indicative numbers, no memory)
     "quick": Preset("quick", HeadShape(512, 64, 100, 50, None, 64), (1_000, 10_000), 1, 0.05, 1,
                     "inprocess"),
     # the PlantCLEF head of the paper, each task in its own process, alternating rounds

@@ -1,6 +1,6 @@
 """The benchmarks' one entry point: run suites, write CSVs, then the report.
 
-    python benchmarks/run_all.py --quick                  # a minute or two, results/tmp/
+    python benchmarks/run_all.py --quick                  # under a minute, results/tmp/
     python benchmarks/run_all.py --only train             # one suite of the PlantCLEF head
     python benchmarks/run_all.py                          # all suites (about 40 minutes, 2 cores)
     python benchmarks/run_all.py --device cuda --rounds 1
@@ -140,7 +140,7 @@ def parse(argv: Sequence[str] | None) -> tuple[list[str], Options, argparse.Name
     p.add_argument("--only", default=",".join(SUITES),
                    help=f"comma-separated suites, of {','.join(SUITES)} (default: all)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="full",
-                   help="tiny (tests), quick (a minute or two), full (PlantCLEF head; default)")
+                   help="tiny (tests), quick (under a minute), full (PlantCLEF head; default)")
     p.add_argument("--quick", action="store_true", help="same as --preset quick")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
