@@ -115,7 +115,7 @@ BENCH_RESULTS = Path(os.environ.get("HSOFTMAX_BENCH_RESULTS", ROOT / "benchmarks
 LEAD_PLOTS = [
     ("train_cpu.png", "Training step, PlantCLEF head (80,000 classes), 2-core CPU"),
     ("scaling_cpu.png", "Training step against the number of classes, 2-core CPU"),
-    ("memory_cpu.png", "Peak training memory, PlantCLEF head, 2-core CPU"),
+    ("contention_cpu.png", "Training step beside a busy core, 2-core CPU"),
 ]
 
 #: Generated files that the details page links to instead of including (long run logs).
