@@ -1,0 +1,806 @@
+"""A hierarchical head whose bottom layers are sharded by node across the ranks of a process group.
+
+Each rank keeps the bottom layers of a contiguous block of about ``n_top / world_size`` nodes
+(and the optimizer state of those rows only, since the optimizer sees no other rows); the
+projection and the top layer are replicated. A sample needs the bottom layer of one node only,
+so training moves the samples to the rows, never the rows to the samples:
+
+1. every rank computes the hidden vectors ``z`` and the top log-probabilities of its own batch;
+2. the hidden vectors and target positions of all ranks are all-gathered
+   (``world x batch x hidden`` numbers);
+3. the rank that owns a sample's target node computes ``-log p(slot | node)`` of that sample;
+4. the per-sample terms go back to the sample's rank (an all-to-all), which adds the top term
+   and reduces as :func:`~hsoftmax.functional.hierarchical_cross_entropy` does.
+
+Backward mirrors it: the hidden gradients are summed back to their ranks (an all-to-all of
+``world x batch x hidden``). Communication per step is ``O(batch x world x hidden)``,
+independent of the number of classes. The gradients are those of
+:class:`~torch.nn.parallel.DistributedDataParallel` on the same local batches: the
+replicated parameters' gradients are averaged over the ranks (by hooks, unless
+``sync_replicated=False``) and a shard's gradient is the average over the ranks of the
+gradients of the samples whose target lies in its nodes.
+
+Inference moves hidden vectors the same way: :meth:`ShardedOutput.topk` merges one exact top-k
+per shard, :meth:`ShardedOutput.predict` routes to the owner of the best node, and
+:meth:`ShardedOutput.log_probs` returns every class (``batch x num_classes`` numbers move, the
+size of the answer). The collectives are those of :mod:`torch.distributed` (``all_gather``,
+``all_to_all_single``, ``broadcast``, ``gather``), so any backend that has them works (gloo,
+NCCL). Checkpoints: the ``state_dict`` holds the shards as ``DTensor`` (``Shard(0)`` over the
+nodes), which :mod:`torch.distributed.checkpoint` saves and loads on any world size;
+:func:`gather_head` rebuilds the full :class:`~hsoftmax.HierarchicalSoftmax`.
+
+The forward depends on the data (host syncs): this module runs eagerly, not under
+``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import functional as HF
+from .functional import HierarchicalOutput
+from .grouping import ClassLayout, class_layout
+from .softmax import HierarchicalSoftmax, _make_activation
+
+__all__ = [
+    "ShardedCrossEntropy",
+    "ShardedHierarchicalSoftmax",
+    "ShardedOutput",
+    "gather_head",
+    "shard_head",
+    "shard_range",
+    "sharded_cross_entropy",
+]
+
+
+# -- the partition -------------------------------------------------------------------------------
+
+
+def shard_range(n_top: int, world_size: int, rank: int) -> tuple[int, int]:
+    """The nodes ``[start, stop)`` that rank ``rank`` holds: blocks of ``ceil(n_top /
+    world_size)`` nodes in rank order, as ``torch.chunk`` and ``DTensor``'s ``Shard(0)`` split
+    a tensor, so the last ranks may hold fewer nodes or none.
+
+    Example:
+        >>> [shard_range(5, 4, rank) for rank in range(4)]
+        [(0, 2), (2, 4), (4, 5), (5, 5)]
+    """
+    chunk = -(-n_top // world_size)
+    return min(rank * chunk, n_top), min((rank + 1) * chunk, n_top)
+
+
+# -- collectives with autograd -------------------------------------------------------------------
+
+
+def _all_gather(x: Tensor, group: Any) -> Tensor:
+    """``(n, *)`` on every rank -> ``(world, n, *)``, rank-major (no autograd)."""
+    out = x.new_empty((dist.get_world_size(group), *x.shape))
+    dist.all_gather(list(out.unbind(0)), x.contiguous(), group=group)
+    return out
+
+
+def _exchange(x: Tensor, group: Any) -> Tensor:
+    """All-to-all along the first dimension: ``out[j]`` on rank ``i`` is ``x[i]`` of rank ``j``
+    (no autograd). ``x``: ``(world, *)``."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    dist.all_to_all_single(out, x, group=group)
+    return out
+
+
+class _GatherFromRanks(torch.autograd.Function):
+    """All-gather whose backward sums each rank's gradient back to it (a reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: Any) -> Tensor:
+        ctx.group = group
+        return _all_gather(x, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return _exchange(grad, ctx.group).sum(0), None
+
+
+class _Exchange(torch.autograd.Function):
+    """All-to-all along the first dimension; its adjoint is itself."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: Any) -> Tensor:
+        ctx.group = group
+        return _exchange(x, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return _exchange(grad, ctx.group), None
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity whose gradient is multiplied by ``scale`` (dense or sparse)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.scale, None
+
+
+# -- the head's output -----------------------------------------------------------------------------
+
+
+class ShardedOutput:
+    """What :class:`ShardedHierarchicalSoftmax` returns: this rank's hidden vectors and top
+    logits, and the head that holds this rank's shard.
+
+    Pass it to :class:`~hsoftmax.HierarchicalCrossEntropy` (which calls
+    :meth:`cross_entropy`) or :class:`ShardedCrossEntropy`. Every method is a collective: all
+    ranks of the head's group must call it, in the same order, each with its own batch (the
+    batch sizes may differ).
+
+    Attributes:
+        hidden: ``(*, hidden)`` the activated projection of this rank's batch.
+        top_logits: ``(*, n_top)`` the top logits; nodes that hold no class are ``-inf``.
+        head: the :class:`ShardedHierarchicalSoftmax` that made it.
+    """
+
+    def __init__(self, hidden: Tensor, top_logits: Tensor, head: ShardedHierarchicalSoftmax):
+        self.hidden = hidden
+        self.top_logits = top_logits
+        self.head = head
+
+    @property
+    def num_classes(self) -> int:
+        """The number of classes."""
+        return self.head.num_classes
+
+    def cross_entropy(self, target: Tensor, **options: Any) -> Tensor:
+        """The loss of this rank's batch: see :func:`sharded_cross_entropy`."""
+        return sharded_cross_entropy(self, target, **options)
+
+    def log_probs(self) -> Tensor:
+        """Exact log-probabilities of all classes, ``(*, num_classes)``."""
+        return _log_probs(self)
+
+    def topk(self, k: int) -> tuple[Tensor, Tensor]:
+        """The exact ``k`` most probable classes, ``(values, indices)``, each ``(*, k)``."""
+        return _topk(self, k)
+
+    def predict(self) -> Tensor:
+        """The paper's top-1 routing, ``(*)`` class ids (not always the argmax)."""
+        return _predict(self)
+
+    def __repr__(self) -> str:
+        return f"ShardedOutput(hidden={tuple(self.hidden.shape)}, head={self.head.extra_repr()})"
+
+
+class _Batch:
+    """This rank's batch flattened and padded to the largest batch of the group, so that
+    every collective moves equal blocks."""
+
+    def __init__(self, out: ShardedOutput) -> None:
+        head = out.head
+        self.head, self.group = head, head.group
+        self.hidden = out.hidden.reshape(-1, out.hidden.shape[-1])
+        self.top_logits = out.top_logits.reshape(-1, head.n_top)
+        self.n = self.hidden.shape[0]
+        sizes = _all_gather(torch.tensor([self.n], device=self.hidden.device), self.group)
+        self.padded = int(sizes.max())
+
+    def pad(self, t: Tensor, value: float = 0) -> Tensor:
+        """``t`` (rows of this batch) padded with ``value`` rows to ``padded`` rows."""
+        extra = self.padded - t.shape[0]
+        if not extra:
+            return t
+        return torch.cat([t, t.new_full((extra, *t.shape[1:]), value)])
+
+    def gather_hidden(self) -> Tensor:
+        """``(world * padded, hidden)`` the hidden vectors of all ranks, with autograd."""
+        gathered = _GatherFromRanks.apply(self.pad(self.hidden), self.group)
+        return gathered.reshape(-1, self.hidden.shape[-1])
+
+    def gather(self, t: Tensor, value: float) -> Tensor:
+        """``(world * padded, *)`` a per-sample tensor of all ranks, without autograd."""
+        return _all_gather(self.pad(t, value), self.group).flatten(0, 1)
+
+    def back(self, t: Tensor) -> Tensor:
+        """``(world * padded, *)`` per-sample results, each sample's from its owner, ->
+        ``(world, n, *)``: the owners' values for this rank's samples, with autograd."""
+        blocks = t.reshape(self.head.world_size, self.padded, *t.shape[1:])
+        return _Exchange.apply(blocks, self.group)[:, : self.n]
+
+
+def _local_output(head: ShardedHierarchicalSoftmax, sparse: bool) -> HierarchicalOutput:
+    """This rank's shard as a :class:`HierarchicalOutput` of its ``n_local`` nodes, for the
+    functions of :mod:`hsoftmax.functional` (its top logits are unused)."""
+    weight: Tensor = head.bottom_weight
+    bias: Tensor = head.bottom_bias
+    if torch.is_grad_enabled() and head.world_size > 1:  # DDP averages over the ranks
+        weight = _ScaleGrad.apply(weight, 1.0 / head.world_size)
+        bias = _ScaleGrad.apply(bias, 1.0 / head.world_size)
+    elif not torch.is_grad_enabled():
+        weight, bias = weight.detach(), bias.detach()
+    mask = None if head.slot_mask is None else head.slot_mask[head.node_start : head.node_stop]
+    empty = bias.new_empty(0)
+    return HierarchicalOutput(empty, empty, weight, bias, empty, None, mask, sparse)
+
+
+def _owned(head: ShardedHierarchicalSoftmax, positions: Tensor) -> Tensor:
+    """Indices of the ``positions`` (``-1``: none) that this rank's nodes hold."""
+    low, high = head.node_start * head.n_bottom, head.node_stop * head.n_bottom
+    return ((positions >= low) & (positions < high)).nonzero().squeeze(1)
+
+
+# -- training ------------------------------------------------------------------------------------
+
+
+def _describe(x: object) -> str:
+    return str(x.dtype) if isinstance(x, Tensor) else type(x).__name__
+
+
+def _checked_target(
+    target: object, batch_shape: tuple[int, ...], num_classes: int, ignore_index: int
+) -> Tensor:
+    """``target`` as int64 after checking its type, shape and values (on this rank)."""
+    if not isinstance(target, Tensor) or target.dtype.is_floating_point or target.dtype in (
+        torch.bool, torch.complex64, torch.complex128
+    ):
+        raise TypeError(f"expected target of an integer dtype (class ids), got {_describe(target)}")
+    if tuple(target.shape) != batch_shape:
+        raise ValueError(
+            f"expected target of shape {batch_shape} (the input's leading dimensions), "
+            f"got {tuple(target.shape)}"
+        )
+    target = target.long()
+    bad = target[((target < 0) | (target >= num_classes)) & (target != ignore_index)]
+    if bad.numel():
+        raise IndexError(
+            f"expected target in [0, {num_classes}) or ignore_index={ignore_index}, "
+            f"got values in [{int(bad.min())}, {int(bad.max())}]"
+        )
+    return target
+
+
+
+
+def sharded_cross_entropy(
+    out: ShardedOutput,
+    target: Tensor,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """:func:`~hsoftmax.functional.hierarchical_cross_entropy` of this rank's batch, with the
+    bottom layers sharded across the ranks. A collective: every rank calls it.
+
+    The value is the loss of this rank's batch, as the full head gives it. After
+    ``backward()``, each parameter's gradient is what
+    :class:`~torch.nn.parallel.DistributedDataParallel` gives the full head on the same
+    local batches: the shard's gradient is averaged over the ranks here, the replicated
+    parameters' by the head's hooks (see :class:`ShardedHierarchicalSoftmax`).
+
+    Args:
+        out: the sharded head's output for this rank's batch, leading shape ``(*)``.
+        target: ``(*)`` integer class ids; entries equal to ``ignore_index`` are skipped.
+        weight: optional ``(num_classes,)`` weight of each class. Default: ``None``.
+        ignore_index: target value that contributes nothing. Default: ``-100``.
+        reduction: ``'none'`` | ``'mean'`` | ``'sum'``. Default: ``'mean'``.
+        label_smoothing: in ``[0, 1]``, applied per level. Default: ``0.0``.
+
+    Returns:
+        The loss of this rank's batch: a scalar, or ``(*)`` with ``reduction='none'``.
+    """
+    HF.check_loss_options(reduction, label_smoothing)
+    head = out.head
+    target = _checked_target(target, tuple(out.hidden.shape[:-1]), head.num_classes, ignore_index)
+    if weight is not None and weight.shape != (head.num_classes,):
+        raise ValueError(
+            f"expected weight of shape ({head.num_classes},) (one per class), "
+            f"got {tuple(weight.shape)}"
+        )
+    batch = _Batch(out)
+    keep = (target != ignore_index).reshape(-1)
+    safe_target = torch.where(keep, target.reshape(-1), 0)
+    position = safe_target if head.slot_classes is None else head.class_slots[safe_target]
+    node = torch.div(position, head.n_bottom, rounding_mode="floor")
+    top = HF._log_softmax(batch.top_logits)
+
+    # the owner of each sample's node computes -log p(slot | node) (and its smoothing term)
+    positions = batch.gather(torch.where(keep, position, -1), -1)
+    hidden = batch.gather_hidden()
+    mine = _owned(head, positions)
+    local = _local_output(head, head.sparse)
+    local_node = torch.div(positions[mine], head.n_bottom, rounding_mode="floor")
+    slot = positions[mine] - local_node * head.n_bottom
+    local_node = local_node - head.node_start
+    bottom = HF._log_softmax(
+        HF._node_bottom_logits(local, hidden[mine], local_node.unsqueeze(1)).squeeze(1)
+    )
+    terms = [-bottom.gather(1, slot.unsqueeze(1))]
+    if label_smoothing > 0.0:
+        terms.append(HF._mean_valid(-bottom, HF._slot_mask_of(local, local_node, bottom))[:, None])
+    owned = torch.cat(terms, 1)
+    per_sample = owned.new_zeros(positions.shape[0], owned.shape[1]).index_copy(0, mine, owned)
+    back = batch.back(per_sample).sum(0)  # (n, 1 or 2): only the owner's entry is nonzero
+
+    nll = -top.gather(1, node.unsqueeze(1)).squeeze(1) + back[:, 0]
+    if label_smoothing > 0.0:
+        smooth = HF._mean_valid(-top, torch.isfinite(top)) + back[:, 1]
+        nll = (1.0 - label_smoothing) * nll + label_smoothing * smooth
+    sample_weight = keep.to(nll.dtype)
+    if weight is not None:
+        sample_weight = torch.where(keep, weight.to(nll.dtype)[safe_target], 0.0)
+    loss = torch.where(keep, nll * sample_weight, 0.0)
+    if reduction == "none":
+        return loss.view(target.shape)
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / sample_weight.sum()
+
+
+class ShardedCrossEntropy(nn.Module):
+    """:class:`~hsoftmax.HierarchicalCrossEntropy` for :class:`ShardedOutput`: the same
+    options, the loss of :func:`sharded_cross_entropy`.
+
+    Example:
+        >>> criterion = ShardedCrossEntropy(label_smoothing=0.1)
+        >>> criterion
+        ShardedCrossEntropy(ignore_index=-100, reduction='mean', label_smoothing=0.1)
+    """
+
+    weight: Tensor | None
+
+    def __init__(
+        self,
+        weight: Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        HF.check_loss_options(reduction, label_smoothing)
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+
+    def extra_repr(self) -> str:
+        return (
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+            f"label_smoothing={self.label_smoothing}"
+        )
+
+    def forward(self, output: ShardedOutput, target: Tensor) -> Tensor:
+        """Compute the loss; see :func:`sharded_cross_entropy`."""
+        return sharded_cross_entropy(
+            output, target, weight=self.weight, ignore_index=self.ignore_index,
+            reduction=self.reduction, label_smoothing=self.label_smoothing,
+        )
+
+
+# -- inference -----------------------------------------------------------------------------------
+
+
+def _shard_log_probs(head: ShardedHierarchicalSoftmax, hidden: Tensor) -> Tensor:
+    """``(N, n_local * n_bottom)`` log-probabilities of this shard's positions for the gathered
+    hidden vectors (the top layer is replicated, so the owner computes the top term too)."""
+    if head.node_stop == head.node_start:  # an empty shard
+        return hidden.new_empty((hidden.shape[0], 0))
+    top = HF._log_softmax(head._top_logits(hidden))[:, head.node_start : head.node_stop]
+    return HF._all_positions_log_probs(_local_output(head, False), hidden, top)
+
+
+def _log_probs(out: ShardedOutput) -> Tensor:
+    with torch.no_grad():
+        head, batch = out.head, _Batch(out)
+        shard = _shard_log_probs(head, batch.gather_hidden())
+        width = -(-head.n_top // head.world_size) * head.n_bottom  # every shard padded to it
+        shard = torch.cat([shard, shard.new_full((shard.shape[0], width - shard.shape[1]),
+                                                 float("-inf"))], 1)
+        blocks = batch.back(shard)  # (world, n, width): the owners in node order
+        positions = blocks.permute(1, 0, 2).reshape(batch.n, head.world_size * width)
+        positions = positions[:, : head.n_top * head.n_bottom]
+        if head.slot_classes is not None:
+            positions = positions.index_select(1, head.class_slots)
+        else:
+            positions = positions[:, : head.num_classes]
+        return positions.reshape(*out.hidden.shape[:-1], head.num_classes)
+
+
+def _topk(out: ShardedOutput, k: int) -> tuple[Tensor, Tensor]:
+    head = out.head
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"expected k to be an int, got {type(k).__name__}")
+    if not 0 <= k <= head.num_classes:
+        raise ValueError(f"expected k in [0, {head.num_classes}] (num_classes), got {k}")
+    with torch.no_grad():
+        batch = _Batch(out)
+        shard = _shard_log_probs(head, batch.gather_hidden())
+        values, positions = shard.topk(min(k, shard.shape[1]), dim=-1)  # exact in this shard
+        positions = positions + head.node_start * head.n_bottom
+        classes = positions if head.slot_classes is None else head.slot_classes[positions]
+        missing = k - values.shape[1]  # a shard with fewer than k positions
+        values = torch.cat([values, values.new_full((values.shape[0], missing), float("-inf"))], 1)
+        classes = torch.cat([classes, classes.new_full((classes.shape[0], missing), -1)], 1)
+        values, classes = batch.back(values), batch.back(classes)  # (world, n, k)
+        width = head.world_size * k
+        merged = values.permute(1, 0, 2).reshape(batch.n, width)
+        best_values, best = merged.topk(k, dim=-1)
+        best_classes = classes.permute(1, 0, 2).reshape(batch.n, width).gather(1, best)
+        shape = (*out.hidden.shape[:-1], k)
+        return best_values.view(shape), best_classes.view(shape)
+
+
+def _predict(out: ShardedOutput) -> Tensor:
+    head = out.head
+    with torch.no_grad():
+        batch = _Batch(out)
+        node_valid = None if head.slot_mask is None else head.slot_mask.any(1)
+        node = HF._valid_argmax(batch.top_logits, node_valid)
+        nodes = batch.gather(node, -1)
+        hidden = batch.gather_hidden()
+        mine = _owned(head, nodes * head.n_bottom)
+        local = _local_output(head, False)
+        local_node = nodes[mine] - head.node_start
+        logits = HF._node_bottom_logits(local, hidden[mine], local_node.unsqueeze(1)).squeeze(1)
+        valid = None if local.slot_mask is None else local.slot_mask.index_select(0, local_node)
+        positions = nodes[mine] * head.n_bottom + HF._valid_argmax(logits, valid)
+        classes = positions if head.slot_classes is None else head.slot_classes[positions]
+        answer = torch.zeros_like(nodes).index_copy(0, mine, classes)
+        return batch.back(answer).sum(0).view(out.hidden.shape[:-1])
+
+
+# -- the module ----------------------------------------------------------------------------------
+
+
+def _group_size_rank(group: Any) -> tuple[int, int]:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "expected an initialised torch.distributed process group "
+            "(torch.distributed.init_process_group), got none"
+        )
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+class ShardedHierarchicalSoftmax(nn.Module):
+    """This rank's part of a :class:`~hsoftmax.HierarchicalSoftmax` whose bottom layers are
+    sharded by node across a process group.
+
+    The projection ``proj`` and the top layer ``top`` are replicated (broadcast from the
+    group's first rank when initialised); ``bottom_weight`` and ``bottom_bias`` hold the
+    nodes ``[node_start, node_stop)`` only (:func:`shard_range`). Build it directly (each
+    rank allocates its shard only), on the meta device then ``to_empty()`` and
+    ``reset_parameters()``, or from a full head with :func:`shard_head`. Build the optimizer
+    after sharding: it then holds the state of this rank's rows only.
+
+    The forward returns a :class:`ShardedOutput`; ``HierarchicalCrossEntropy()(local(x), y)``
+    (or :class:`ShardedCrossEntropy`) gives the loss of this rank's batch, and after
+    ``backward()`` the gradients are those of DDP on the full head (see
+    :func:`sharded_cross_entropy`). With ``sync_replicated=True`` hooks average the gradients
+    of ``proj`` and ``top`` over the group during ``backward()``, as DDP does; with ``False``
+    the caller does it (e.g. by a DDP that ignores the bottom parameters). Either way, wrap
+    only the backbone in DDP or FSDP2, never the bottom shards, which differ across ranks.
+
+    Args:
+        in_features, n_top, n_bottom, hidden, num_classes, class_slots, activation, sparse,
+            device, dtype: as for :class:`~hsoftmax.HierarchicalSoftmax`. With
+            ``sparse=True`` the shard's gradients are sparse rows, for
+            :class:`~hsoftmax.SparseRowAdamW`.
+        group: the process group. Default: ``None``, the default group.
+        sync_replicated: average the replicated parameters' gradients over the group in
+            ``backward()``. Default: ``True``.
+
+    Attributes:
+        node_start, node_stop: the nodes this rank holds.
+        world_size, rank: of the group.
+    """
+
+    slot_classes: Tensor | None
+    slot_mask: Tensor | None
+    node_mask: Tensor | None
+    class_slots: Tensor
+
+    def __init__(
+        self,
+        in_features: int,
+        n_top: int,
+        n_bottom: int,
+        hidden: int,
+        *,
+        num_classes: int | None = None,
+        class_slots: Tensor | None = None,
+        activation: str | nn.Module = "relu",
+        sparse: bool = False,
+        group: Any = None,
+        sync_replicated: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_features", in_features), ("hidden", hidden)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"expected {name} to be a positive int, got {value!r}")
+        if isinstance(class_slots, Tensor):
+            class_slots = class_slots.cpu()
+        layout = class_layout(n_top, n_bottom, num_classes, class_slots)
+        self.world_size, self.rank = _group_size_rank(group)
+        self.group = group
+        self.in_features, self.n_top, self.n_bottom, self.hidden = (
+            in_features, n_top, n_bottom, hidden
+        )
+        self.sparse = bool(sparse)
+        self.sync_replicated = bool(sync_replicated)
+        self.node_start, self.node_stop = shard_range(n_top, self.world_size, self.rank)
+        n_local = self.node_stop - self.node_start
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.proj = nn.Linear(in_features, hidden, **factory)
+        self.activation = _make_activation(activation)
+        self.top = nn.Linear(hidden, n_top, **factory)
+        self.bottom_weight = nn.Parameter(torch.empty(n_local, n_bottom, hidden, **factory))
+        self.bottom_bias = nn.Parameter(torch.empty(n_local, n_bottom, **factory))
+        self._set_layout(layout)
+        self.register_state_dict_post_hook(ShardedHierarchicalSoftmax._shards_as_dtensors)
+        self.register_load_state_dict_pre_hook(ShardedHierarchicalSoftmax._before_load)
+        self.reset_parameters()
+
+    @property
+    def num_classes(self) -> int:
+        """The number of classes."""
+        return self.class_slots.shape[0]
+
+    def _set_layout(self, layout: ClassLayout) -> None:
+        self._class_slots = None if layout.slot_classes is None else layout.class_slots.cpu()
+        device = self.top.weight.device
+        for name, tensor in layout._asdict().items():
+            tensor = None if tensor is None else tensor.to(device)
+            self.register_buffer(name, tensor, persistent=name == "class_slots")
+
+    def replicated_parameters(self) -> list[nn.Parameter]:
+        """The parameters that every rank holds whole: those of ``proj``, ``activation`` and
+        ``top``."""
+        return [*self.proj.parameters(), *self.activation.parameters(), *self.top.parameters()]
+
+    def _hook_replicated(self) -> None:
+        """Average the replicated parameters' gradients over the group in ``backward()``. Hooked
+        at the forward, since ``to_empty()`` or ``load_state_dict(assign=True)`` may replace the
+        parameters."""
+        if not (self.sync_replicated and self.world_size > 1 and torch.is_grad_enabled()):
+            return
+        for parameter in self.replicated_parameters():
+            if parameter.requires_grad and getattr(parameter, "_hsoftmax_averaged", None) is None:
+                parameter.register_hook(self._average)
+                parameter._hsoftmax_averaged = True  # type: ignore[attr-defined]
+
+    def _average(self, grad: Tensor) -> Tensor:
+        grad = grad / self.world_size
+        dist.all_reduce(grad, group=self.group)
+        return grad
+
+    def reset_parameters(self) -> None:
+        """Initialise as :class:`~hsoftmax.HierarchicalSoftmax` does, then broadcast the
+        replicated parameters from the group's first rank (a collective, except on the meta
+        device)."""
+        self._set_layout(class_layout(self.n_top, self.n_bottom, self.num_classes,
+                                      self._class_slots))
+        self.proj.reset_parameters()
+        self.top.reset_parameters()
+        bound = 1.0 / math.sqrt(self.hidden)
+        nn.init.uniform_(self.bottom_weight, -bound, bound)
+        nn.init.uniform_(self.bottom_bias, -bound, bound)
+        self.broadcast_replicated()
+
+    @torch.no_grad()
+    def broadcast_replicated(self) -> None:
+        """Copy the replicated parameters of the group's first rank to every rank."""
+        if self.top.weight.device.type == "meta" or self.world_size == 1:
+            return
+        source = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        for parameter in self.replicated_parameters():
+            dist.broadcast(parameter.data, source, group=self.group)
+
+    def extra_repr(self) -> str:
+        grouped = ", class_slots=custom" if self.slot_classes is not None else ""
+        return (
+            f"in_features={self.in_features}, n_top={self.n_top}, n_bottom={self.n_bottom}, "
+            f"hidden={self.hidden}, num_classes={self.num_classes}{grouped}, "
+            f"nodes=[{self.node_start}, {self.node_stop}) of rank {self.rank}/{self.world_size}"
+            + (", sparse=True" if self.sparse else "")
+        )
+
+    def _top_logits(self, hidden: Tensor) -> Tensor:
+        top_logits = self.top(hidden)
+        if self.node_mask is not None:
+            top_logits = top_logits.masked_fill(~self.node_mask, float("-inf"))
+        return top_logits
+
+    def forward(self, x: Tensor) -> ShardedOutput:
+        """Project this rank's batch and compute its top logits (no communication).
+
+        Args:
+            x: ``(*, in_features)`` floating-point input.
+
+        Returns:
+            A :class:`ShardedOutput` for the loss and inference.
+        """
+        if not isinstance(x, Tensor) or not x.dtype.is_floating_point:
+            raise TypeError(f"expected a floating-point torch.Tensor input, got {_describe(x)}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"expected input of shape (*, {self.in_features}) (in_features), "
+                f"got {tuple(x.shape)}"
+            )
+        self._hook_replicated()
+        hidden = self.activation(self.proj(x))
+        return ShardedOutput(hidden, self._top_logits(hidden), self)
+
+    def log_probs(self, x: Tensor) -> Tensor:
+        """Exact log-probabilities of all classes for this rank's ``x`` (a collective)."""
+        return self(x).log_probs()
+
+    def predict(self, x: Tensor) -> Tensor:
+        """The paper's top-1 routing for this rank's ``x`` (a collective)."""
+        return self(x).predict()
+
+    def topk(self, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """The exact ``k`` most probable classes for this rank's ``x`` (a collective)."""
+        return self(x).topk(k)
+
+    # -- checkpoints: the shards as DTensors ---------------------------------------------------
+
+    def _mesh(self) -> Any:
+        from torch.distributed.device_mesh import DeviceMesh
+
+        group = self.group if self.group is not None else dist.group.WORLD
+        return DeviceMesh.from_group(group, self.top.weight.device.type)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _shards_as_dtensors(
+        module: ShardedHierarchicalSoftmax, state_dict: dict[str, Any], prefix: str, *args: Any
+    ) -> None:
+        """Put the shards in the state dict as ``DTensor``s of the full ``(n_top, ...)``
+        tensors, ``Shard(0)``: what :mod:`torch.distributed.checkpoint` reshards."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        mesh = module._mesh()
+        for name in ("bottom_weight", "bottom_bias"):
+            key = prefix + name
+            local = state_dict.get(key)
+            if isinstance(local, Tensor) and not isinstance(local, DTensor):
+                shape = torch.Size((module.n_top, *local.shape[1:]))
+                stride = torch.empty(shape, device="meta").stride()
+                state_dict[key] = DTensor.from_local(
+                    local, mesh, [Shard(0)], run_check=False, shape=shape, stride=stride
+                )
+
+    def _before_load(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Accept the shards as ``DTensor``s (from :mod:`torch.distributed.checkpoint`) or the
+        full tensors of a :class:`~hsoftmax.HierarchicalSoftmax` (this rank's rows are kept);
+        check a custom ``class_slots``."""
+        from torch.distributed.tensor import DTensor
+
+        for name in ("bottom_weight", "bottom_bias"):
+            value = state_dict.get(prefix + name)
+            if isinstance(value, DTensor):
+                value = value.full_tensor() if value.to_local().shape[0] != (
+                    self.node_stop - self.node_start) else value.to_local()
+            if isinstance(value, Tensor) and value.shape[:1] == (self.n_top,):
+                value = value[self.node_start : self.node_stop]
+            if value is not None:
+                state_dict[prefix + name] = value
+        slots = state_dict.get(prefix + "class_slots")
+        if isinstance(slots, Tensor) and slots.shape == self.class_slots.shape:
+            layout = class_layout(self.n_top, self.n_bottom, self.num_classes, slots.cpu())
+            self._class_slots = None if layout.slot_classes is None else layout.class_slots
+            self._pending_layout = layout
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        layout = self.__dict__.pop("_pending_layout", None)
+        if layout is not None:
+            self._set_layout(layout)
+
+
+# -- from and to a full head ---------------------------------------------------------------------
+
+
+def shard_head(
+    head: HierarchicalSoftmax, group: Any = None, sync_replicated: bool = True
+) -> ShardedHierarchicalSoftmax:
+    """This rank's part of a full head that is identical on every rank.
+
+    The result keeps the projection and the top layer (copies) and this rank's block of nodes
+    (:func:`shard_range`); the full head can then be freed. A head on the meta device gives a
+    shard on the meta device: ``to_empty(device=...)`` then ``reset_parameters()`` allocate
+    and initialise this rank's rows only.
+
+    Args:
+        head: the full :class:`~hsoftmax.HierarchicalSoftmax`.
+        group: the process group. Default: ``None``, the default group.
+        sync_replicated: see :class:`ShardedHierarchicalSoftmax`. Default: ``True``.
+
+    Returns:
+        The :class:`ShardedHierarchicalSoftmax` of this rank.
+    """
+    if not isinstance(head, HierarchicalSoftmax):
+        raise TypeError(f"expected a HierarchicalSoftmax, got {type(head).__name__}")
+    weight = head.bottom_weight
+    with torch.device("meta"):
+        local = ShardedHierarchicalSoftmax(
+            head.in_features, head.n_top, head.n_bottom, head.hidden,
+            num_classes=head.num_classes, class_slots=head._class_slots,
+            activation=copy.deepcopy(head.activation), sparse=head.sparse, group=group,
+            sync_replicated=sync_replicated, dtype=weight.dtype,
+        )
+    local.to_empty(device=weight.device)
+    local._set_layout(class_layout(head.n_top, head.n_bottom, head.num_classes,
+                                   head._class_slots))
+    with torch.no_grad():
+        local.proj.load_state_dict(head.proj.state_dict())
+        local.top.load_state_dict(head.top.state_dict())
+        local.activation.load_state_dict(head.activation.state_dict())
+        rows = slice(local.node_start, local.node_stop)
+        local.bottom_weight.copy_(weight[rows])
+        local.bottom_bias.copy_(head.bottom_bias[rows])
+    local.train(head.training)
+    return local
+
+
+@torch.no_grad()
+def gather_head(
+    local: ShardedHierarchicalSoftmax, dst: int | None = 0
+) -> HierarchicalSoftmax | None:
+    """The full :class:`~hsoftmax.HierarchicalSoftmax`, for a checkpoint or single-device
+    serving (a collective).
+
+    Args:
+        local: this rank's :class:`ShardedHierarchicalSoftmax`.
+        dst: the group rank that gets the head, or ``None`` for every rank (each then holds
+            the full bottom layers). Default: ``0``.
+
+    Returns:
+        The full head on rank ``dst`` (every rank with ``dst=None``), ``None`` elsewhere.
+    """
+    if not isinstance(local, ShardedHierarchicalSoftmax):
+        raise TypeError(f"expected a ShardedHierarchicalSoftmax, got {type(local).__name__}")
+    chunk = -(-local.n_top // local.world_size)
+    parts: list[Tensor | None] = []
+    for shard in (local.bottom_weight, local.bottom_bias):
+        padded = shard.new_zeros((chunk, *shard.shape[1:]))
+        padded[: shard.shape[0]] = shard
+        if dst is None:
+            parts.append(_all_gather(padded, local.group))
+            continue
+        gathered = None
+        if local.rank == dst:
+            gathered = padded.new_empty((local.world_size, *padded.shape))
+        targets = None if gathered is None else list(gathered.unbind(0))
+        dist.gather(padded, targets, group_dst=dst, group=local.group)
+        parts.append(gathered)
+    if dst is not None and local.rank != dst:
+        return None
+    weight = local.bottom_weight
+    with torch.device("meta"):
+        head = HierarchicalSoftmax(
+            local.in_features, local.n_top, local.n_bottom, local.hidden,
+            num_classes=local.num_classes, class_slots=local._class_slots,
+            activation=copy.deepcopy(local.activation), sparse=local.sparse, dtype=weight.dtype,
+        )
+    head.to_empty(device=weight.device)
+    head._set_layout(head._layout(head._class_slots))
+    head.proj.load_state_dict(local.proj.state_dict())
+    head.top.load_state_dict(local.top.state_dict())
+    head.activation.load_state_dict(local.activation.state_dict())
+    weight_parts, bias_parts = parts
+    assert weight_parts is not None and bias_parts is not None  # this rank gathered them
+    head.bottom_weight.copy_(weight_parts.flatten(0, 1)[: local.n_top])
+    head.bottom_bias.copy_(bias_parts.flatten(0, 1)[: local.n_top])
+    head.train(local.training)
+    return head
