@@ -482,6 +482,24 @@ def test_needs_a_process_group() -> None:
         ShardedHierarchicalSoftmax(IN, N_TOP, N_BOTTOM, HIDDEN)
 
 
+
+def test_example_quick_under_torchrun() -> None:
+    """``torchrun --nproc-per-node 2 examples/sharded.py --quick``: trains, matches the
+    gathered head, saves a sharded checkpoint."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(REPO / "examples" / "sharded.py"), "--quick"],
+        capture_output=True, text=True, env=env, timeout=240, cwd=REPO,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "step    5/5" in result.stdout
+    assert "sharded top-5 equals the gathered head's: True" in result.stdout
+    assert "torch.distributed.checkpoint" in result.stdout
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="one rank of the sharded-head tests")
     for argument in ("rank", "world", "store", "out", "ckpt"):
