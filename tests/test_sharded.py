@@ -500,6 +500,20 @@ def test_example_quick_under_torchrun() -> None:
     assert "torch.distributed.checkpoint" in result.stdout
 
 
+
+def test_sharding_plan_is_current() -> None:
+    """``docs/generated/sharding_plan.md`` is what ``docs/scripts/sharding_plan.py`` writes."""
+    import importlib.util
+
+    path = REPO / "docs" / "scripts" / "sharding_plan.py"
+    spec = importlib.util.spec_from_file_location("_sharding_plan", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name, text in module.outputs().items():
+        committed = (REPO / "docs" / "generated" / name).read_text()
+        assert committed == text, "run: python docs/scripts/sharding_plan.py"
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="one rank of the sharded-head tests")
     for argument in ("rank", "world", "store", "out", "ckpt"):
