@@ -407,7 +407,7 @@ def topk(out: HierarchicalOutput, k: int) -> tuple[Tensor, Tensor]:
     """The exact ``k`` most probable classes, sorted like :func:`torch.topk`.
 
     By definition ``log_probs(out).topk(k)``, and computed so by the reference path. On the CPU
-    without autograd, :mod:`hsoftmax.fast_inference` gives the same answer while scanning only
+    in eager mode, :mod:`hsoftmax.fast_inference` gives the same answer while scanning only
     the nodes that can hold a top class (``p(class) <= p(its node)``), where it is measured
     faster (see :mod:`hsoftmax.fastpaths`). Values agree up to float rounding; exact ties may be
     broken differently. The fast search depends on the data (host syncs): compiled and exported
