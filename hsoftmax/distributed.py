@@ -1,33 +1,38 @@
-"""A hierarchical head whose bottom layers are sharded by node across the ranks of a process group.
+"""A hierarchical head whose nodes are sharded across the ranks of a process group.
 
-Each rank keeps the bottom layers of a contiguous block of about ``n_top / world_size`` nodes
-(and the optimizer state of those rows only, since the optimizer sees no other rows); the
-projection and the top layer are replicated. A sample needs the bottom layer of one node only,
-so training moves the samples to the rows, never the rows to the samples:
+Each rank keeps a contiguous block of about ``n_top / world_size`` nodes: their rows of the top
+layer and their bottom layers (and the optimizer state of those rows only, since the optimizer
+sees no other rows); the projection is replicated. A sample needs one node's bottom layer, so
+training moves the samples to the rows, never the rows to the samples:
 
-1. every rank computes the hidden vectors ``z`` and the top log-probabilities of its own batch;
+1. every rank computes the hidden vectors ``z`` of its own batch;
 2. the hidden vectors and target positions of all ranks are all-gathered
    (``world x batch x hidden`` numbers);
-3. the rank that owns a sample's target node computes ``-log p(slot | node)`` of that sample;
-4. the per-sample terms go back to the sample's rank (an all-to-all), which adds the top term
-   and reduces as :func:`~hsoftmax.functional.hierarchical_cross_entropy` does.
+3. every rank computes, for every gathered sample, its nodes' share of the top softmax (the
+   maximum and the sum of exponentials of its top logits); the rank that owns a sample's
+   target node also computes the target's top logit and ``-log p(slot | node)``;
+4. these few numbers per sample go back to the sample's rank (an all-to-all), which combines
+   the shares into the top layer's ``logsumexp`` and reduces as
+   :func:`~hsoftmax.functional.hierarchical_cross_entropy` does.
 
 Backward mirrors it: the hidden gradients are summed back to their ranks (an all-to-all of
-``world x batch x hidden``). Communication per step is ``O(batch x world x hidden)``,
+``world x batch x hidden``), and the projection's gradients are all-reduced. Communication per
+step is ``O(batch x world x hidden)`` plus the projection (``in_features x hidden``),
 independent of the number of classes. The gradients are those of
-:class:`~torch.nn.parallel.DistributedDataParallel` on the same local batches: the
-replicated parameters' gradients are averaged over the ranks (by hooks, unless
+:class:`~torch.nn.parallel.DistributedDataParallel` on the full head and the same local
+batches: the projection's gradients are averaged over the ranks (by hooks, unless
 ``sync_replicated=False``) and a shard's gradient is the average over the ranks of the
-gradients of the samples whose target lies in its nodes.
+gradients that the samples of every rank give its rows.
 
 Inference moves hidden vectors the same way: :meth:`ShardedOutput.topk` merges one exact top-k
-per shard, :meth:`ShardedOutput.predict` routes to the owner of the best node, and
-:meth:`ShardedOutput.log_probs` returns every class (``batch x num_classes`` numbers move, the
-size of the answer). The collectives are those of :mod:`torch.distributed` (``all_gather``,
-``all_to_all_single``, ``broadcast``, ``gather``), so any backend that has them works (gloo,
-NCCL). Checkpoints: the ``state_dict`` holds the shards as ``DTensor`` (``Shard(0)`` over the
-nodes), which :mod:`torch.distributed.checkpoint` saves and loads on any world size;
-:func:`gather_head` rebuilds the full :class:`~hsoftmax.HierarchicalSoftmax`.
+per shard, :meth:`ShardedOutput.predict` keeps the answer of the shard that holds the best
+node, and :meth:`ShardedOutput.log_probs` returns every class (``batch x num_classes`` numbers
+move, the size of the answer). The collectives are those of :mod:`torch.distributed`
+(``all_gather``, ``all_to_all_single``, ``all_reduce``, ``broadcast``, ``gather``), so any
+backend that has them works (gloo, NCCL). Checkpoints: the ``state_dict`` holds the shards as
+``DTensor`` (``Shard(0)`` over the nodes), which :mod:`torch.distributed.checkpoint` saves and
+loads on any world size; :func:`gather_head` rebuilds the full
+:class:`~hsoftmax.HierarchicalSoftmax`.
 
 The forward depends on the data (host syncs): this module runs eagerly, not under
 ``torch.compile``.
@@ -137,8 +142,8 @@ class _ScaleGrad(torch.autograd.Function):
 
 
 class ShardedOutput:
-    """What :class:`ShardedHierarchicalSoftmax` returns: this rank's hidden vectors and top
-    logits, and the head that holds this rank's shard.
+    """What :class:`ShardedHierarchicalSoftmax` returns: this rank's hidden vectors and the
+    head that holds this rank's shard.
 
     Pass it to :class:`~hsoftmax.HierarchicalCrossEntropy` (which calls
     :meth:`cross_entropy`) or :class:`ShardedCrossEntropy`. Every method is a collective: all
@@ -147,13 +152,11 @@ class ShardedOutput:
 
     Attributes:
         hidden: ``(*, hidden)`` the activated projection of this rank's batch.
-        top_logits: ``(*, n_top)`` the top logits; nodes that hold no class are ``-inf``.
         head: the :class:`ShardedHierarchicalSoftmax` that made it.
     """
 
-    def __init__(self, hidden: Tensor, top_logits: Tensor, head: ShardedHierarchicalSoftmax):
+    def __init__(self, hidden: Tensor, head: ShardedHierarchicalSoftmax) -> None:
         self.hidden = hidden
-        self.top_logits = top_logits
         self.head = head
 
     @property
@@ -189,7 +192,6 @@ class _Batch:
         head = out.head
         self.head, self.group = head, head.group
         self.hidden = out.hidden.reshape(-1, out.hidden.shape[-1])
-        self.top_logits = out.top_logits.reshape(-1, head.n_top)
         self.n = self.hidden.shape[0]
         sizes = _all_gather(torch.tensor([self.n], device=self.hidden.device), self.group)
         self.padded = int(sizes.max())
@@ -217,19 +219,58 @@ class _Batch:
         return _Exchange.apply(blocks, self.group)[:, : self.n]
 
 
+def _shard(parameter: Tensor, world_size: int) -> Tensor:
+    """A shard's parameter as the step uses it: its gradient, summed over the samples of every
+    rank, is divided by ``world_size`` (DDP averages over the ranks); detached without grad."""
+    if not torch.is_grad_enabled():
+        return parameter.detach()
+    return _ScaleGrad.apply(parameter, 1.0 / world_size) if world_size > 1 else parameter
+
+
 def _local_output(head: ShardedHierarchicalSoftmax, sparse: bool) -> HierarchicalOutput:
-    """This rank's shard as a :class:`HierarchicalOutput` of its ``n_local`` nodes, for the
-    functions of :mod:`hsoftmax.functional` (its top logits are unused)."""
-    weight: Tensor = head.bottom_weight
-    bias: Tensor = head.bottom_bias
-    if torch.is_grad_enabled() and head.world_size > 1:  # DDP averages over the ranks
-        weight = _ScaleGrad.apply(weight, 1.0 / head.world_size)
-        bias = _ScaleGrad.apply(bias, 1.0 / head.world_size)
-    elif not torch.is_grad_enabled():
-        weight, bias = weight.detach(), bias.detach()
+    """This rank's bottom layers as a :class:`HierarchicalOutput` of its ``n_local`` nodes,
+    for the functions of :mod:`hsoftmax.functional` (its hidden and top fields are unused)."""
+    weight = _shard(head.bottom_weight, head.world_size)
+    bias = _shard(head.bottom_bias, head.world_size)
     mask = None if head.slot_mask is None else head.slot_mask[head.node_start : head.node_stop]
     empty = bias.new_empty(0)
     return HierarchicalOutput(empty, empty, weight, bias, empty, None, mask, sparse)
+
+
+def _local_top(head: ShardedHierarchicalSoftmax, hidden: Tensor) -> tuple[Tensor, Tensor]:
+    """The top logits of this rank's nodes, ``(N, n_local)``, and ``(n_local,)`` whether each
+    node holds a class (the logits of the others are ``-inf``)."""
+    weight, bias = _shard(head.top.weight, head.world_size), _shard(head.top.bias, head.world_size)
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    valid = head._local_node_valid()
+    return logits.masked_fill(~valid, float("-inf")), valid
+
+
+def _top_stats(logits: Tensor, valid: Tensor) -> Tensor:
+    """``(N, 4)`` per row: the maximum ``m`` of the valid logits (no gradient; ``-inf`` where
+    none), ``sum(exp(logit - m))``, the sum of the valid logits and their number. The ranks'
+    statistics combine into the top layer's ``logsumexp`` and mean (:func:`_top_normaliser`)."""
+    n = logits.shape[0]
+    if not bool(valid.any()):
+        none = logits.new_zeros(n, 4)
+        none[:, 0] = float("-inf")
+        return none
+    peak = logits.detach().amax(1)
+    finite = torch.where(torch.isfinite(peak), peak, 0.0)
+    shifted = torch.where(valid, logits - finite[:, None], float("-inf"))
+    total = torch.where(valid, logits, 0.0).sum(1)
+    count = valid.sum().to(logits.dtype).expand(n)
+    return torch.stack([peak, shifted.exp().sum(1), total, count], 1)
+
+
+def _top_normaliser(stats: Tensor) -> tuple[Tensor, Tensor]:
+    """From ``(world, n, 4)`` statistics (:func:`_top_stats`): the ``logsumexp`` of all top
+    logits, ``(n,)``, and their mean over the nodes that hold classes, ``(n,)``."""
+    peak, sums, total, count = stats.unbind(-1)
+    top = peak.amax(0).detach()
+    scale = torch.where(torch.isfinite(peak), (peak - top).exp(), 0.0)
+    logsumexp = top + (sums * scale).sum(0).log()
+    return logsumexp, total.sum(0) / count.sum(0)
 
 
 def _owned(head: ShardedHierarchicalSoftmax, positions: Tensor) -> Tensor:
@@ -279,13 +320,13 @@ def sharded_cross_entropy(
     label_smoothing: float = 0.0,
 ) -> Tensor:
     """:func:`~hsoftmax.functional.hierarchical_cross_entropy` of this rank's batch, with the
-    bottom layers sharded across the ranks. A collective: every rank calls it.
+    nodes sharded across the ranks. A collective: every rank calls it.
 
     The value is the loss of this rank's batch, as the full head gives it. After
     ``backward()``, each parameter's gradient is what
     :class:`~torch.nn.parallel.DistributedDataParallel` gives the full head on the same
-    local batches: the shard's gradient is averaged over the ranks here, the replicated
-    parameters' by the head's hooks (see :class:`ShardedHierarchicalSoftmax`).
+    local batches: the shards' gradients are averaged over the ranks here, the projection's by
+    the head's hooks (see :class:`ShardedHierarchicalSoftmax`).
 
     Args:
         out: the sharded head's output for this rank's batch, leading shape ``(*)``.
@@ -310,12 +351,12 @@ def sharded_cross_entropy(
     keep = (target != ignore_index).reshape(-1)
     safe_target = torch.where(keep, target.reshape(-1), 0)
     position = safe_target if head.slot_classes is None else head.class_slots[safe_target]
-    node = torch.div(position, head.n_bottom, rounding_mode="floor")
-    top = HF._log_softmax(batch.top_logits)
 
-    # the owner of each sample's node computes -log p(slot | node) (and its smoothing term)
+    # every rank: its nodes' share of the top softmax for every sample of the group; the owner
+    # of a sample's node: its top logit and -log p(slot | node) (and the smoothing term)
     positions = batch.gather(torch.where(keep, position, -1), -1)
     hidden = batch.gather_hidden()
+    top_logits, valid = _local_top(head, hidden)
     mine = _owned(head, positions)
     local = _local_output(head, head.sparse)
     local_node = torch.div(positions[mine], head.n_bottom, rounding_mode="floor")
@@ -324,16 +365,20 @@ def sharded_cross_entropy(
     bottom = HF._log_softmax(
         HF._node_bottom_logits(local, hidden[mine], local_node.unsqueeze(1)).squeeze(1)
     )
-    terms = [-bottom.gather(1, slot.unsqueeze(1))]
+    gold_top = top_logits[mine].gather(1, local_node.unsqueeze(1))
+    terms = [gold_top, -bottom.gather(1, slot.unsqueeze(1))]
     if label_smoothing > 0.0:
         terms.append(HF._mean_valid(-bottom, HF._slot_mask_of(local, local_node, bottom))[:, None])
     owned = torch.cat(terms, 1)
     per_sample = owned.new_zeros(positions.shape[0], owned.shape[1]).index_copy(0, mine, owned)
-    back = batch.back(per_sample).sum(0)  # (n, 1 or 2): only the owner's entry is nonzero
+    stats = _top_stats(top_logits, valid)
+    back = batch.back(torch.cat([stats, per_sample], 1))  # (world, n, 4 + 2 or 3)
+    logsumexp, mean_logit = _top_normaliser(back[..., :4])
+    owner = back[..., 4:].sum(0)  # only the owner's entry is nonzero
 
-    nll = -top.gather(1, node.unsqueeze(1)).squeeze(1) + back[:, 0]
+    nll = logsumexp - owner[:, 0] + owner[:, 1]
     if label_smoothing > 0.0:
-        smooth = HF._mean_valid(-top, torch.isfinite(top)) + back[:, 1]
+        smooth = (logsumexp - mean_logit) + owner[:, 2]
         nll = (1.0 - label_smoothing) * nll + label_smoothing * smooth
     sample_weight = keep.to(nll.dtype)
     if weight is not None:
@@ -389,25 +434,28 @@ class ShardedCrossEntropy(nn.Module):
 # -- inference -----------------------------------------------------------------------------------
 
 
-def _shard_log_probs(head: ShardedHierarchicalSoftmax, hidden: Tensor) -> Tensor:
-    """``(N, n_local * n_bottom)`` log-probabilities of this shard's positions for the gathered
-    hidden vectors (the top layer is replicated, so the owner computes the top term too)."""
+def _shard_scores(head: ShardedHierarchicalSoftmax, hidden: Tensor) -> tuple[Tensor, Tensor]:
+    """For the gathered hidden vectors: ``(N, n_local * n_bottom)`` scores of this shard's
+    positions, ``top logit + log p(slot | node)`` (the log-probability before the top layer's
+    ``logsumexp`` is subtracted; ``-inf`` where masked), and the ``(N, 4)`` statistics of the
+    top layer (:func:`_top_stats`)."""
+    top_logits, valid = _local_top(head, hidden)
+    stats = _top_stats(top_logits, valid)
     if head.node_stop == head.node_start:  # an empty shard
-        return hidden.new_empty((hidden.shape[0], 0))
-    top = HF._log_softmax(head._top_logits(hidden))[:, head.node_start : head.node_stop]
-    return HF._all_positions_log_probs(_local_output(head, False), hidden, top)
+        return hidden.new_empty((hidden.shape[0], 0)), stats
+    return HF._all_positions_log_probs(_local_output(head, False), hidden, top_logits), stats
 
 
 def _log_probs(out: ShardedOutput) -> Tensor:
     with torch.no_grad():
         head, batch = out.head, _Batch(out)
-        shard = _shard_log_probs(head, batch.gather_hidden())
+        scores, stats = _shard_scores(head, batch.gather_hidden())
         width = -(-head.n_top // head.world_size) * head.n_bottom  # every shard padded to it
-        shard = torch.cat([shard, shard.new_full((shard.shape[0], width - shard.shape[1]),
-                                                 float("-inf"))], 1)
-        blocks = batch.back(shard)  # (world, n, width): the owners in node order
-        positions = blocks.permute(1, 0, 2).reshape(batch.n, head.world_size * width)
-        positions = positions[:, : head.n_top * head.n_bottom]
+        padding = scores.new_full((scores.shape[0], width - scores.shape[1]), float("-inf"))
+        blocks = batch.back(torch.cat([stats, scores, padding], 1))  # (world, n, 4 + width)
+        logsumexp, _ = _top_normaliser(blocks[..., :4])
+        positions = blocks[..., 4:].permute(1, 0, 2).reshape(batch.n, head.world_size * width)
+        positions = positions[:, : head.n_top * head.n_bottom] - logsumexp[:, None]
         if head.slot_classes is not None:
             positions = positions.index_select(1, head.class_slots)
         else:
@@ -423,42 +471,72 @@ def _topk(out: ShardedOutput, k: int) -> tuple[Tensor, Tensor]:
         raise ValueError(f"expected k in [0, {head.num_classes}] (num_classes), got {k}")
     with torch.no_grad():
         batch = _Batch(out)
-        shard = _shard_log_probs(head, batch.gather_hidden())
-        values, positions = shard.topk(min(k, shard.shape[1]), dim=-1)  # exact in this shard
+        scores, stats = _shard_scores(head, batch.gather_hidden())
+        values, positions = scores.topk(min(k, scores.shape[1]), dim=-1)  # exact in this shard
         positions = positions + head.node_start * head.n_bottom
         classes = positions if head.slot_classes is None else head.slot_classes[positions]
         missing = k - values.shape[1]  # a shard with fewer than k positions
         values = torch.cat([values, values.new_full((values.shape[0], missing), float("-inf"))], 1)
         classes = torch.cat([classes, classes.new_full((classes.shape[0], missing), -1)], 1)
-        values, classes = batch.back(values), batch.back(classes)  # (world, n, k)
+        blocks = batch.back(torch.cat([stats, values], 1))  # (world, n, 4 + k)
+        classes = batch.back(classes)
+        logsumexp, _ = _top_normaliser(blocks[..., :4])
         width = head.world_size * k
-        merged = values.permute(1, 0, 2).reshape(batch.n, width)
+        merged = blocks[..., 4:].permute(1, 0, 2).reshape(batch.n, width)
         best_values, best = merged.topk(k, dim=-1)
         best_classes = classes.permute(1, 0, 2).reshape(batch.n, width).gather(1, best)
         shape = (*out.hidden.shape[:-1], k)
-        return best_values.view(shape), best_classes.view(shape)
+        return (best_values - logsumexp[:, None]).view(shape), best_classes.view(shape)
 
 
 def _predict(out: ShardedOutput) -> Tensor:
+    """Each shard routes every gathered sample to its best node and that node's best slot; the
+    sample's rank keeps the answer of the shard whose best node has the highest top logit (the
+    first such shard: the lowest node, as ``argmax`` breaks ties)."""
     head = out.head
     with torch.no_grad():
         batch = _Batch(out)
-        node_valid = None if head.slot_mask is None else head.slot_mask.any(1)
-        node = HF._valid_argmax(batch.top_logits, node_valid)
-        nodes = batch.gather(node, -1)
         hidden = batch.gather_hidden()
-        mine = _owned(head, nodes * head.n_bottom)
-        local = _local_output(head, False)
-        local_node = nodes[mine] - head.node_start
-        logits = HF._node_bottom_logits(local, hidden[mine], local_node.unsqueeze(1)).squeeze(1)
-        valid = None if local.slot_mask is None else local.slot_mask.index_select(0, local_node)
-        positions = nodes[mine] * head.n_bottom + HF._valid_argmax(logits, valid)
-        classes = positions if head.slot_classes is None else head.slot_classes[positions]
-        answer = torch.zeros_like(nodes).index_copy(0, mine, classes)
-        return batch.back(answer).sum(0).view(out.hidden.shape[:-1])
+        top_logits, valid = _local_top(head, hidden)
+        if head.node_stop == head.node_start:  # an empty shard
+            best = top_logits.new_full((hidden.shape[0],), float("-inf"))
+            classes = torch.full_like(best, -1, dtype=torch.long)
+        else:
+            node = HF._valid_argmax(top_logits, valid)
+            best = top_logits.gather(1, node[:, None]).squeeze(1)
+            local = _local_output(head, False)
+            logits = HF._node_bottom_logits(local, hidden, node.unsqueeze(1)).squeeze(1)
+            slots_valid = None if local.slot_mask is None else local.slot_mask.index_select(0, node)
+            positions = (node + head.node_start) * head.n_bottom + HF._valid_argmax(
+                logits, slots_valid)
+            classes = positions if head.slot_classes is None else head.slot_classes[positions]
+            best = torch.where(valid.any(), best, float("-inf"))  # a shard without classes
+        has = valid.any().to(best.dtype).expand_as(best)
+        answers = batch.back(torch.stack([best, has], 1))  # (world, n, 2)
+        classes = batch.back(classes)
+        # the highest top logit among the shards that hold classes (all -inf: the first of them)
+        rank = HF._valid_argmax(answers[..., 0].t(), answers[..., 1].t() > 0)
+        return classes.gather(0, rank[None]).squeeze(0).view(out.hidden.shape[:-1])
 
 
 # -- the module ----------------------------------------------------------------------------------
+
+
+#: The parameters sharded by node (``Shard(0)`` of the full head's tensors of the same names).
+_SHARDED = ("top.weight", "top.bias", "bottom_weight", "bottom_bias")
+
+
+class _TopRows(nn.Module):
+    """This rank's rows of the top layer: ``weight`` ``(n_local, hidden)`` and ``bias``
+    ``(n_local,)``, the names of ``nn.Linear(hidden, n_top)``'s parameters."""
+
+    def __init__(self, rows: int, hidden: int, device: Any = None, dtype: Any = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(rows, hidden, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(rows, device=device, dtype=dtype))
+
+    def extra_repr(self) -> str:
+        return f"rows={self.weight.shape[0]}, hidden={self.weight.shape[1]}"
 
 
 def _group_size_rank(group: Any) -> tuple[int, int]:
@@ -474,20 +552,21 @@ class ShardedHierarchicalSoftmax(nn.Module):
     """This rank's part of a :class:`~hsoftmax.HierarchicalSoftmax` whose bottom layers are
     sharded by node across a process group.
 
-    The projection ``proj`` and the top layer ``top`` are replicated (broadcast from the
-    group's first rank when initialised); ``bottom_weight`` and ``bottom_bias`` hold the
-    nodes ``[node_start, node_stop)`` only (:func:`shard_range`). Build it directly (each
-    rank allocates its shard only), on the meta device then ``to_empty()`` and
-    ``reset_parameters()``, or from a full head with :func:`shard_head`. Build the optimizer
-    after sharding: it then holds the state of this rank's rows only.
+    The projection ``proj`` is replicated (broadcast from the group's first rank when
+    initialised); the top layer's rows ``top.weight``, ``top.bias`` and the bottom layers
+    ``bottom_weight``, ``bottom_bias`` hold the nodes ``[node_start, node_stop)`` only
+    (:func:`shard_range`). Build it directly (each rank allocates its shard only), on the meta
+    device then ``to_empty()`` and ``reset_parameters()``, or from a full head with
+    :func:`shard_head`. Build the optimizer after sharding: it then holds the state of this
+    rank's rows only.
 
     The forward returns a :class:`ShardedOutput`; ``HierarchicalCrossEntropy()(local(x), y)``
     (or :class:`ShardedCrossEntropy`) gives the loss of this rank's batch, and after
     ``backward()`` the gradients are those of DDP on the full head (see
     :func:`sharded_cross_entropy`). With ``sync_replicated=True`` hooks average the gradients
-    of ``proj`` and ``top`` over the group during ``backward()``, as DDP does; with ``False``
-    the caller does it (e.g. by a DDP that ignores the bottom parameters). Either way, wrap
-    only the backbone in DDP or FSDP2, never the bottom shards, which differ across ranks.
+    of ``proj`` over the group during ``backward()``, as DDP does; with ``False`` the caller
+    does it. Either way, wrap only the backbone in DDP or FSDP2, never the sharded head, whose
+    shards differ across ranks.
 
     Args:
         in_features, n_top, n_bottom, hidden, num_classes, class_slots, activation, sparse,
@@ -543,7 +622,7 @@ class ShardedHierarchicalSoftmax(nn.Module):
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.proj = nn.Linear(in_features, hidden, **factory)
         self.activation = _make_activation(activation)
-        self.top = nn.Linear(hidden, n_top, **factory)
+        self.top = _TopRows(n_local, hidden, **factory)
         self.bottom_weight = nn.Parameter(torch.empty(n_local, n_bottom, hidden, **factory))
         self.bottom_bias = nn.Parameter(torch.empty(n_local, n_bottom, **factory))
         self._set_layout(layout)
@@ -558,15 +637,21 @@ class ShardedHierarchicalSoftmax(nn.Module):
 
     def _set_layout(self, layout: ClassLayout) -> None:
         self._class_slots = None if layout.slot_classes is None else layout.class_slots.cpu()
-        device = self.top.weight.device
+        device = self.proj.weight.device
         for name, tensor in layout._asdict().items():
             tensor = None if tensor is None else tensor.to(device)
             self.register_buffer(name, tensor, persistent=name == "class_slots")
 
     def replicated_parameters(self) -> list[nn.Parameter]:
-        """The parameters that every rank holds whole: those of ``proj``, ``activation`` and
-        ``top``."""
-        return [*self.proj.parameters(), *self.activation.parameters(), *self.top.parameters()]
+        """The parameters that every rank holds whole: those of ``proj`` and ``activation``."""
+        return [*self.proj.parameters(), *self.activation.parameters()]
+
+    def _local_node_valid(self) -> Tensor:
+        """``(n_local,)`` whether each of this rank's nodes holds a class."""
+        if self.node_mask is None:
+            return torch.ones(self.node_stop - self.node_start, dtype=torch.bool,
+                              device=self.proj.weight.device)
+        return self.node_mask[self.node_start : self.node_stop]
 
     def _hook_replicated(self) -> None:
         """Average the replicated parameters' gradients over the group in ``backward()``. Hooked
@@ -591,8 +676,9 @@ class ShardedHierarchicalSoftmax(nn.Module):
         self._set_layout(class_layout(self.n_top, self.n_bottom, self.num_classes,
                                       self._class_slots))
         self.proj.reset_parameters()
-        self.top.reset_parameters()
-        bound = 1.0 / math.sqrt(self.hidden)
+        bound = 1.0 / math.sqrt(self.hidden)  # as nn.Linear(hidden, n_top) initialises
+        nn.init.uniform_(self.top.weight, -bound, bound)
+        nn.init.uniform_(self.top.bias, -bound, bound)
         nn.init.uniform_(self.bottom_weight, -bound, bound)
         nn.init.uniform_(self.bottom_bias, -bound, bound)
         self.broadcast_replicated()
@@ -600,7 +686,7 @@ class ShardedHierarchicalSoftmax(nn.Module):
     @torch.no_grad()
     def broadcast_replicated(self) -> None:
         """Copy the replicated parameters of the group's first rank to every rank."""
-        if self.top.weight.device.type == "meta" or self.world_size == 1:
+        if self.proj.weight.device.type == "meta" or self.world_size == 1:
             return
         source = dist.get_global_rank(self.group, 0) if self.group is not None else 0
         for parameter in self.replicated_parameters():
@@ -614,12 +700,6 @@ class ShardedHierarchicalSoftmax(nn.Module):
             f"nodes=[{self.node_start}, {self.node_stop}) of rank {self.rank}/{self.world_size}"
             + (", sparse=True" if self.sparse else "")
         )
-
-    def _top_logits(self, hidden: Tensor) -> Tensor:
-        top_logits = self.top(hidden)
-        if self.node_mask is not None:
-            top_logits = top_logits.masked_fill(~self.node_mask, float("-inf"))
-        return top_logits
 
     def forward(self, x: Tensor) -> ShardedOutput:
         """Project this rank's batch and compute its top logits (no communication).
@@ -639,7 +719,7 @@ class ShardedHierarchicalSoftmax(nn.Module):
             )
         self._hook_replicated()
         hidden = self.activation(self.proj(x))
-        return ShardedOutput(hidden, self._top_logits(hidden), self)
+        return ShardedOutput(hidden, self)
 
     def log_probs(self, x: Tensor) -> Tensor:
         """Exact log-probabilities of all classes for this rank's ``x`` (a collective)."""
@@ -659,7 +739,7 @@ class ShardedHierarchicalSoftmax(nn.Module):
         from torch.distributed.device_mesh import DeviceMesh
 
         group = self.group if self.group is not None else dist.group.WORLD
-        return DeviceMesh.from_group(group, self.top.weight.device.type)  # type: ignore[arg-type]
+        return DeviceMesh.from_group(group, self.proj.weight.device.type)  # type: ignore[arg-type]
 
     @staticmethod
     def _shards_as_dtensors(
@@ -670,7 +750,7 @@ class ShardedHierarchicalSoftmax(nn.Module):
         from torch.distributed.tensor import DTensor, Shard
 
         mesh = module._mesh()
-        for name in ("bottom_weight", "bottom_bias"):
+        for name in _SHARDED:
             key = prefix + name
             local = state_dict.get(key)
             if isinstance(local, Tensor) and not isinstance(local, DTensor):
@@ -684,19 +764,24 @@ class ShardedHierarchicalSoftmax(nn.Module):
         """Accept the shards as ``DTensor``s (from :mod:`torch.distributed.checkpoint`) or the
         full tensors of a :class:`~hsoftmax.HierarchicalSoftmax` (this rank's rows are kept);
         check a custom ``class_slots``."""
-        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor import DTensor, Shard
 
-        for name in ("bottom_weight", "bottom_bias"):
+        for name in _SHARDED:
             value = state_dict.get(prefix + name)
-            if isinstance(value, DTensor):
-                value = value.full_tensor() if value.to_local().shape[0] != (
-                    self.node_stop - self.node_start) else value.to_local()
+            if isinstance(value, DTensor):  # the same choice on every rank: full_tensor gathers
+                ours = value.device_mesh.size() == self.world_size and value.placements == (
+                    Shard(0),)
+                value = value.to_local() if ours else value.full_tensor()
             if isinstance(value, Tensor) and value.shape[:1] == (self.n_top,):
                 value = value[self.node_start : self.node_stop]
             if value is not None:
                 state_dict[prefix + name] = value
         slots = state_dict.get(prefix + "class_slots")
-        if isinstance(slots, Tensor) and slots.shape == self.class_slots.shape:
+        if (
+            isinstance(slots, Tensor)
+            and not slots.is_meta
+            and slots.shape == self.class_slots.shape
+        ):
             layout = class_layout(self.n_top, self.n_bottom, self.num_classes, slots.cpu())
             self._class_slots = None if layout.slot_classes is None else layout.class_slots
             self._pending_layout = layout
@@ -716,8 +801,8 @@ def shard_head(
 ) -> ShardedHierarchicalSoftmax:
     """This rank's part of a full head that is identical on every rank.
 
-    The result keeps the projection and the top layer (copies) and this rank's block of nodes
-    (:func:`shard_range`); the full head can then be freed. A head on the meta device gives a
+    The result keeps a copy of the projection and this rank's block of nodes (their top-layer
+    rows and bottom layers, :func:`shard_range`); the full head can then be freed. A head on the meta device gives a
     shard on the meta device: ``to_empty(device=...)`` then ``reset_parameters()`` allocate
     and initialise this rank's rows only.
 
@@ -740,17 +825,25 @@ def shard_head(
             sync_replicated=sync_replicated, dtype=weight.dtype,
         )
     local.to_empty(device=weight.device)
-    local._set_layout(class_layout(head.n_top, head.n_bottom, head.num_classes,
-                                   head._class_slots))
-    with torch.no_grad():
-        local.proj.load_state_dict(head.proj.state_dict())
-        local.top.load_state_dict(head.top.state_dict())
-        local.activation.load_state_dict(head.activation.state_dict())
-        rows = slice(local.node_start, local.node_stop)
-        local.bottom_weight.copy_(weight[rows])
-        local.bottom_bias.copy_(head.bottom_bias[rows])
+    local.load_state_dict(head.state_dict())  # each rank keeps its rows (see _before_load)
     local.train(head.training)
     return local
+
+
+def _gather_rows(shard: Tensor, local: ShardedHierarchicalSoftmax, dst: int | None) -> Tensor:
+    """The full ``(n_top, ...)`` tensor of a node-sharded parameter on rank ``dst`` (every rank
+    with ``None``); an empty tensor on the others."""
+    chunk = -(-local.n_top // local.world_size)
+    padded = shard.detach().new_zeros((chunk, *shard.shape[1:]))
+    padded[: shard.shape[0]] = shard.detach()
+    if dst is None:
+        return _all_gather(padded, local.group).flatten(0, 1)[: local.n_top]
+    if local.rank != dst:
+        dist.gather(padded, None, group_dst=dst, group=local.group)
+        return padded.new_empty(0)
+    gathered = padded.new_empty((local.world_size, *padded.shape))
+    dist.gather(padded, list(gathered.unbind(0)), group_dst=dst, group=local.group)
+    return gathered.flatten(0, 1)[: local.n_top]
 
 
 @torch.no_grad()
@@ -770,20 +863,7 @@ def gather_head(
     """
     if not isinstance(local, ShardedHierarchicalSoftmax):
         raise TypeError(f"expected a ShardedHierarchicalSoftmax, got {type(local).__name__}")
-    chunk = -(-local.n_top // local.world_size)
-    parts: list[Tensor | None] = []
-    for shard in (local.bottom_weight, local.bottom_bias):
-        padded = shard.new_zeros((chunk, *shard.shape[1:]))
-        padded[: shard.shape[0]] = shard
-        if dst is None:
-            parts.append(_all_gather(padded, local.group))
-            continue
-        gathered = None
-        if local.rank == dst:
-            gathered = padded.new_empty((local.world_size, *padded.shape))
-        targets = None if gathered is None else list(gathered.unbind(0))
-        dist.gather(padded, targets, group_dst=dst, group=local.group)
-        parts.append(gathered)
+    rows = {name: _gather_rows(local.get_parameter(name), local, dst) for name in _SHARDED}
     if dst is not None and local.rank != dst:
         return None
     weight = local.bottom_weight
@@ -794,13 +874,7 @@ def gather_head(
             activation=copy.deepcopy(local.activation), sparse=local.sparse, dtype=weight.dtype,
         )
     head.to_empty(device=weight.device)
-    head._set_layout(head._layout(head._class_slots))
-    head.proj.load_state_dict(local.proj.state_dict())
-    head.top.load_state_dict(local.top.state_dict())
-    head.activation.load_state_dict(local.activation.state_dict())
-    weight_parts, bias_parts = parts
-    assert weight_parts is not None and bias_parts is not None  # this rank gathered them
-    head.bottom_weight.copy_(weight_parts.flatten(0, 1)[: local.n_top])
-    head.bottom_bias.copy_(bias_parts.flatten(0, 1)[: local.n_top])
+    state = {k: v for k, v in local.state_dict().items() if k not in _SHARDED}
+    head.load_state_dict({**state, **rows})
     head.train(local.training)
     return head

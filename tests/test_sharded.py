@@ -156,6 +156,11 @@ def _sharded_model(layout: str, sparse: bool = False) -> nn.Sequential:
     return nn.Sequential(body, shard_head(full[2]))
 
 
+def _sharded(name: str) -> bool:
+    """Whether a parameter of the sharded model holds this rank's nodes only."""
+    return "bottom" in name or ".top." in name
+
+
 def _unwrap(name: str) -> str:
     return name.replace("0.module.0.", "0.").replace("0.module.1.", "1.")
 
@@ -185,7 +190,7 @@ def _check_training(checks: Checks, layout: str, world: int, rank: int, sparse: 
         for name, parameter in model.named_parameters():
             full = _unwrap(name).replace("1.", "2.", 1) if name.startswith("1.") else _unwrap(name)
             want = ref["grads"][i][full]
-            if "bottom" in name:
+            if _sharded(name):
                 want = want[shard]
 
             def compare(name: str = name, parameter: Any = parameter, want: Tensor = want) -> None:
@@ -207,7 +212,7 @@ def _check_training(checks: Checks, layout: str, world: int, rank: int, sparse: 
         for name, parameter in model.named_parameters():
             full = _unwrap(name).replace("1.", "2.", 1) if name.startswith("1.") else _unwrap(name)
             want = full_params[full].detach()
-            want = want[shard] if "bottom" in name else want
+            want = want[shard] if _sharded(name) else want
             torch.testing.assert_close(parameter.detach(), want, msg=name)
 
     checks.run(f"params-{tag}", params)
@@ -353,6 +358,44 @@ def _check_checkpoints(
     checks.run("load-full-state-dict", from_full)
 
 
+def _check_bytes(checks: Checks, world: int, rank: int) -> None:
+    """The bytes that a training step moves do not depend on the number of classes: a step
+    of a 15-position head and of a 3,000-position head, same batch and widths."""
+    moved = [0]
+    names = ("all_gather", "all_to_all_single", "all_reduce", "broadcast", "gather")
+    originals = {name: getattr(dist, name) for name in names}
+
+    def counting(name: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            moved[0] += sum(a.numel() * a.element_size() for a in args if isinstance(a, Tensor))
+            return originals[name](*args, **kwargs)
+        return call
+
+    def step_bytes(n_top: int, n_bottom: int) -> int:
+        torch.manual_seed(0)
+        head = ShardedHierarchicalSoftmax(IN, n_top, n_bottom, HIDDEN, dtype=torch.float64)
+        generator = torch.Generator().manual_seed(rank)
+        x = torch.randn(4, IN, dtype=torch.float64, generator=generator)
+        y = torch.randint(0, n_top * n_bottom, (4,), generator=generator)
+        for name in names:
+            setattr(dist, name, counting(name))
+        try:
+            moved[0] = 0
+            ShardedCrossEntropy()(head(x), y).backward()
+            return moved[0]
+        finally:
+            for name in names:
+                setattr(dist, name, originals[name])
+
+    small, large = step_bytes(N_TOP, N_BOTTOM), step_bytes(60, 50)
+
+    def same() -> None:
+        assert small == large, f"{small} bytes at 15 positions, {large} at 3,000"
+        assert small > 0
+
+    checks.run("bytes-independent-of-classes", same)
+
+
 def _dispatches() -> bool:
     """Whether ``HierarchicalCrossEntropy`` hands a :class:`ShardedOutput` to its
     ``cross_entropy`` (the dispatch in :func:`hsoftmax.functional.hierarchical_cross_entropy`)."""
@@ -383,6 +426,7 @@ def _worker(rank: int, world: int, store: str, out: str, ckpt: str) -> None:
                 _check_checkpoints(checks, world, rank, Path(ckpt), full, model)
         _check_training(checks, "custom", world, rank, sparse=True)
         _check_construction(checks, world, rank, Path(store))
+        _check_bytes(checks, world, rank)
         output = model[1](torch.zeros(1, IN, dtype=torch.float64))
         checks.results["isinstance-output"] = (
             None if isinstance(output, ShardedOutput) else "not a ShardedOutput")
@@ -437,7 +481,7 @@ CHECKS = [
         "loss", "grad", "params", "log_probs", "predict", "topk", "leading-dims", "empty-batch",
         "gather_head", "options-loss", "options-grad")),
     "loss-custom-sparse", "grad-custom-sparse", "params-custom-sparse", "sparse-rows-custom-sparse",
-    "construct-direct", "construct-meta", "isinstance-output",
+    "construct-direct", "construct-meta", "isinstance-output", "bytes-independent-of-classes",
 ]
 
 
