@@ -23,27 +23,28 @@ def plan(classes: int, world: int) -> dict[str, float]:
     """Bytes of one rank: state (parameters, dense gradient, two Adam moments, float32)."""
     n_bottom = math.isqrt(classes - 1) + 1
     n_top = -(-classes // n_bottom)
-    replicated = IN_FEATURES * HIDDEN + HIDDEN + HIDDEN * n_top + n_top
+    replicated = IN_FEATURES * HIDDEN + HIDDEN  # the projection
     bottom = n_top * n_bottom * (HIDDEN + 1)
     chunk = -(-n_top // world)
-    shard = chunk * n_bottom * (HIDDEN + 1)
+    shard = chunk * (n_bottom + 1) * (HIDDEN + 1)  # this rank's bottom layers and top rows
     ring = 2 * (world - 1) / world  # all-reduce, per byte reduced
-    # sharded: all-gather hidden (+ int64 positions), all-to-all of the per-sample terms, and in
-    # backward the hidden gradients and the terms' gradients; the replicated gradients all-reduced
-    sharded_bytes = (world - 1) * BATCH * (2 * HIDDEN * FLOAT + 8 + 2 * FLOAT) + ring * (
+    # sharded: all-gather hidden vectors and int64 positions; all-to-all of 7 numbers per
+    # sample (top softmax shares, the owner's terms); in backward the hidden gradients and the
+    # numbers' gradients; the projection's gradients all-reduced
+    sharded_bytes = (world - 1) * BATCH * (2 * HIDDEN * FLOAT + 8 + 2 * 7 * FLOAT) + ring * (
         replicated * FLOAT)
     row = n_bottom * (HIDDEN + 1) * FLOAT  # one node's bottom layer
     return {
         "n_top": n_top, "n_bottom": n_bottom,
         "sharded_state": 4 * FLOAT * (shard + replicated),
-        "sharded_sparse_state": 3 * FLOAT * (shard + replicated) + FLOAT * replicated
-        + min(world * BATCH, chunk) * row,
+        "sharded_sparse_state": 3 * FLOAT * (shard + replicated) + FLOAT * (
+            replicated + chunk * (HIDDEN + 1)) + min(world * BATCH, chunk) * row,
         "class_slots": 8 * classes,
         "gathered_rows_typical": BATCH * row,
         "gathered_rows_worst": world * BATCH * row,
         "sharded_bytes": sharded_bytes,
-        "ddp_state": 4 * FLOAT * (bottom + replicated),
-        "ddp_bytes": ring * FLOAT * (bottom + replicated),
+        "ddp_state": 4 * FLOAT * (bottom + n_top * (HIDDEN + 1) + replicated),
+        "ddp_bytes": ring * FLOAT * (bottom + n_top * (HIDDEN + 1) + replicated),
         "flat_state": 4 * FLOAT * (-(-classes // world) * (HIDDEN + 1) + IN_FEATURES * HIDDEN),
         "flat_logits": BATCH * classes * FLOAT,  # (world * batch) x (classes / world)
         "flat_bytes": (world - 1) * BATCH * (2 * HIDDEN * FLOAT + 8) + 3 * ring * world * BATCH
