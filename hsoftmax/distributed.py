@@ -58,6 +58,8 @@ __all__ = [
     "ShardedHierarchicalSoftmax",
     "ShardedOutput",
     "gather_head",
+    "load_optimizer_state_dict",
+    "optimizer_state_dict",
     "shard_head",
     "shard_range",
     "sharded_cross_entropy",
@@ -764,14 +766,12 @@ class ShardedHierarchicalSoftmax(nn.Module):
         """Accept the shards as ``DTensor``s (from :mod:`torch.distributed.checkpoint`) or the
         full tensors of a :class:`~hsoftmax.HierarchicalSoftmax` (this rank's rows are kept);
         check a custom ``class_slots``."""
-        from torch.distributed.tensor import DTensor, Shard
+        from torch.distributed.tensor import DTensor
 
         for name in _SHARDED:
             value = state_dict.get(prefix + name)
-            if isinstance(value, DTensor):  # the same choice on every rank: full_tensor gathers
-                ours = value.device_mesh.size() == self.world_size and value.placements == (
-                    Shard(0),)
-                value = value.to_local() if ours else value.full_tensor()
+            if isinstance(value, DTensor):
+                value = _local_rows(self, value)
             if isinstance(value, Tensor) and value.shape[:1] == (self.n_top,):
                 value = value[self.node_start : self.node_stop]
             if value is not None:
@@ -802,9 +802,9 @@ def shard_head(
     """This rank's part of a full head that is identical on every rank.
 
     The result keeps a copy of the projection and this rank's block of nodes (their top-layer
-    rows and bottom layers, :func:`shard_range`); the full head can then be freed. A head on the meta device gives a
-    shard on the meta device: ``to_empty(device=...)`` then ``reset_parameters()`` allocate
-    and initialise this rank's rows only.
+    rows and bottom layers, :func:`shard_range`); the full head can then be freed. A head on
+    the meta device gives a shard on the meta device: ``to_empty(device=...)`` then
+    ``reset_parameters()`` allocate and initialise this rank's rows only.
 
     Args:
         head: the full :class:`~hsoftmax.HierarchicalSoftmax`.
@@ -878,3 +878,130 @@ def gather_head(
     head.load_state_dict({**state, **rows})
     head.train(local.training)
     return head
+
+
+# -- optimizer state for torch.distributed.checkpoint ----------------------------------------------
+
+
+def _as_dtensor(head: ShardedHierarchicalSoftmax, local: Tensor) -> Tensor:
+    """This rank's rows as a ``DTensor`` of the full ``(n_top, ...)`` tensor, ``Shard(0)``."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    shape = torch.Size((head.n_top, *local.shape[1:]))
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(
+        local, head._mesh(), [Shard(0)], run_check=False, shape=shape, stride=stride
+    )
+
+
+def _local_rows(head: ShardedHierarchicalSoftmax, value: Any) -> Tensor:
+    """This rank's rows of a ``DTensor`` of a full ``(n_top, ...)`` tensor. The same choice on
+    every rank (``full_tensor`` is a collective): the local part when it is sharded as ours."""
+    from torch.distributed.tensor import Shard
+
+    ours = value.device_mesh.size() == head.world_size and tuple(value.placements) == (Shard(0),)
+    if ours:
+        return value.to_local()
+    return value.full_tensor()[head.node_start : head.node_stop]
+
+
+def _head_parameters(
+    head: ShardedHierarchicalSoftmax, optimizer: torch.optim.Optimizer
+) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of the head's parameters that ``optimizer`` updates."""
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return [(n, p) for n, p in head.named_parameters() if id(p) in optimized]
+
+
+@torch.no_grad()
+def _initialise_state(head: ShardedHierarchicalSoftmax, optimizer: torch.optim.Optimizer) -> None:
+    """Create the optimizer's state of the head's parameters (a step with zero gradients and
+    learning rate 0), so that there are tensors for a checkpoint to be loaded into."""
+    params = [p for _, p in _head_parameters(head, optimizer) if not optimizer.state.get(p)]
+    if not params:
+        return
+    saved = [(p, p.grad) for p in params]
+    new = {id(p) for p in params}
+    for p in params:
+        sparse = head.sparse and (p is head.bottom_weight or p is head.bottom_bias)
+        p.grad = (
+            torch.sparse_coo_tensor(torch.empty(1, 0, dtype=torch.long, device=p.device),
+                                    p.new_empty((0, *p.shape[1:])), p.shape)
+            if sparse else torch.zeros_like(p)
+        )
+    others = [(q, q.grad) for g in optimizer.param_groups for q in g["params"] if id(q) not in new]
+    for q, _ in others:
+        q.grad = None  # only the head's new parameters take this step
+    rates = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    try:
+        optimizer.step()
+    finally:
+        for group, rate in zip(optimizer.param_groups, rates, strict=True):
+            group["lr"] = rate
+        for p, grad in saved + others:
+            p.grad = grad
+
+
+def optimizer_state_dict(
+    head: ShardedHierarchicalSoftmax, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """The optimizer's state of the head's parameters, by parameter name, with the state of
+    the shards as ``DTensor``s of full ``(n_top, ...)`` tensors: what
+    :mod:`torch.distributed.checkpoint` saves, and loads on any world size with
+    :func:`load_optimizer_state_dict`.
+
+    The state of the optimizer's other parameters (a backbone's) is not included: save it with
+    :func:`torch.distributed.checkpoint.state_dict.get_optimizer_state_dict` or by hand. State
+    that the optimizer has not created yet is created first (a step with learning rate 0).
+
+    Args:
+        head: this rank's :class:`ShardedHierarchicalSoftmax`.
+        optimizer: an optimizer of (some of) its parameters, e.g. AdamW or
+            :class:`~hsoftmax.SparseRowAdamW`, whose per-parameter state holds tensors of the
+            parameter's shape and scalars.
+
+    Returns:
+        ``{parameter name: {state name: value}}``.
+    """
+    _initialise_state(head, optimizer)
+    state: dict[str, Any] = {}
+    for name, parameter in _head_parameters(head, optimizer):
+        entries = {}
+        for key, value in optimizer.state[parameter].items():
+            if name in _SHARDED and isinstance(value, Tensor) and value.shape == parameter.shape:
+                value = _as_dtensor(head, value)
+            entries[key] = value
+        state[name] = entries
+    return state
+
+
+@torch.no_grad()
+def load_optimizer_state_dict(
+    head: ShardedHierarchicalSoftmax, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """Load what :func:`optimizer_state_dict` gave (possibly on another world size, through
+    :mod:`torch.distributed.checkpoint`) into the optimizer: each rank keeps its rows.
+
+    Example (on every rank)::
+
+        state = {"head": head.state_dict(), "optim": optimizer_state_dict(head, optimizer)}
+        dcp.load(state, checkpoint_id=path)
+        head.load_state_dict(state["head"])
+        load_optimizer_state_dict(head, optimizer, state["optim"])
+    """
+    from torch.distributed.tensor import DTensor
+
+    _initialise_state(head, optimizer)
+    for name, parameter in _head_parameters(head, optimizer):
+        if name not in state:
+            continue
+        target = optimizer.state[parameter]
+        for key, value in state[name].items():
+            if isinstance(value, DTensor):
+                value = _local_rows(head, value)
+            if isinstance(target.get(key), Tensor) and isinstance(value, Tensor):
+                target[key].copy_(value)
+            else:
+                target[key] = value

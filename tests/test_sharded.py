@@ -19,6 +19,7 @@ first rank's nodes; one node per rank; unequal batch sizes per rank; ignored tar
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import subprocess
 import sys
@@ -41,6 +42,8 @@ from hsoftmax.distributed import (
     ShardedHierarchicalSoftmax,
     ShardedOutput,
     gather_head,
+    load_optimizer_state_dict,
+    optimizer_state_dict,
     shard_head,
     shard_range,
 )
@@ -123,7 +126,7 @@ def _reference(layout: str, world: int, sparse: bool = False) -> dict[str, Any]:
         grads.append({n: _dense(p.grad) for n, p in model.named_parameters()})
         for optimizer in optimizers:
             optimizer.step()
-    return {"model": model, "losses": losses, "grads": grads}
+    return {"model": model, "losses": losses, "grads": grads, "optimizer": optimizers[0]}
 
 
 def _dense(t: Tensor) -> Tensor:
@@ -216,7 +219,7 @@ def _check_training(checks: Checks, layout: str, world: int, rank: int, sparse: 
             torch.testing.assert_close(parameter.detach(), want, msg=name)
 
     checks.run(f"params-{tag}", params)
-    return ref["model"], model
+    return ref, model, optimizers[0]
 
 
 def _check_inference(
@@ -316,19 +319,24 @@ def _check_construction(checks: Checks, world: int, rank: int, store: Path) -> N
 
 
 def _check_checkpoints(
-    checks: Checks, world: int, rank: int, ckpt: Path, full: nn.Sequential, model: nn.Sequential
+    checks: Checks, world: int, rank: int, ckpt: Path, ref: dict[str, Any], model: nn.Sequential,
+    optimizer: torch.optim.Optimizer,
 ) -> None:
-    """``torch.distributed.checkpoint``: saved by the 2-rank run, loaded by the 4-rank run
-    (another world size); and a full head's state dict loads into a shard."""
+    """``torch.distributed.checkpoint`` of the head and its optimizer state: saved by the
+    2-rank run, loaded by the 4-rank run (another world size); and a full head's state dict
+    loads into a shard."""
     import torch.distributed.checkpoint as dcp
 
     head: ShardedHierarchicalSoftmax = model[1]
-    reference = full[2]
     x = torch.randn(3, IN, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     if world == 2:
-        dcp.save({"head": head.state_dict()}, checkpoint_id=str(ckpt / "dcp"))
+        state = {"head": head.state_dict(), "optim": optimizer_state_dict(head, optimizer)}
+        dcp.save(state, checkpoint_id=str(ckpt / "dcp"))
         if rank == 0:
-            torch.save(reference.state_dict(), ckpt / "reference.pt")
+            full = ref["model"][2]
+            moments = {name: ref["optimizer"].state[getattr_path(full, name)]
+                       for name in ("proj.weight", "top.weight", "bottom_weight")}
+            torch.save({"head": full.state_dict(), "moments": moments}, ckpt / "reference.pt")
         return
 
     def fresh() -> ShardedHierarchicalSoftmax:
@@ -338,24 +346,51 @@ def _check_checkpoints(
 
     def resharded() -> None:
         local = fresh()
-        state = {"head": local.state_dict()}
+        adamw = torch.optim.AdamW(local.parameters(), lr=0.05)
+        state = {"head": local.state_dict(), "optim": optimizer_state_dict(local, adamw)}
         dcp.load(state, checkpoint_id=str(ckpt / "dcp"))
         local.load_state_dict(state["head"])
-        saved = HierarchicalSoftmax(IN, N_TOP, N_BOTTOM, HIDDEN, num_classes=13,
-                                    dtype=torch.float64)
-        saved.load_state_dict(torch.load(ckpt / "reference.pt"))  # what the 2 ranks trained
+        load_optimizer_state_dict(local, adamw, state["optim"])
+        saved = torch.load(ckpt / "reference.pt")  # what the 2 ranks trained
+        trained = HierarchicalSoftmax(IN, N_TOP, N_BOTTOM, HIDDEN, num_classes=13,
+                                      dtype=torch.float64)
+        trained.load_state_dict(saved["head"])
         with torch.no_grad():
-            torch.testing.assert_close(local.log_probs(x), saved.log_probs(x))
+            torch.testing.assert_close(local.log_probs(x), trained.log_probs(x))
+        rows = slice(local.node_start, local.node_stop)
+        for name, want in saved["moments"].items():
+            got = adamw.state[getattr_path(local, name)]
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                expected = want[key] if name == "proj.weight" or key == "step" else want[key][rows]
+                torch.testing.assert_close(got[key], expected, msg=f"{name} {key}")
 
     checks.run("dcp-other-world-size", resharded)
 
     def from_full() -> None:
         local = fresh()
-        local.load_state_dict(reference.state_dict())
+        trained = ref["model"][2]
+        local.load_state_dict(trained.state_dict())
         with torch.no_grad():
-            torch.testing.assert_close(local.log_probs(x), reference.log_probs(x))
+            torch.testing.assert_close(local.log_probs(x), trained.log_probs(x))
 
     checks.run("load-full-state-dict", from_full)
+
+    def sparse_state() -> None:
+        local = ShardedHierarchicalSoftmax(IN, N_TOP, N_BOTTOM, HIDDEN, sparse=True)
+        dense, rows = hsoftmax.split_parameters(local)
+        optimizers = [torch.optim.AdamW(dense), SparseRowAdamW(rows)]
+        before = [p.detach().clone() for p in local.parameters()]
+        state = optimizer_state_dict(local, optimizers[1])
+        assert set(state) == {"bottom_weight", "bottom_bias"}
+        assert state["bottom_weight"]["exp_avg"].shape == (N_TOP, N_BOTTOM, HIDDEN)
+        assert all(torch.equal(a, b) for a, b in zip(before, local.parameters(), strict=True))
+        assert all(p.grad is None for p in local.parameters())
+
+    checks.run("optimizer-state-sparse", sparse_state)
+
+
+def getattr_path(module: nn.Module, name: str) -> nn.Parameter:
+    return module.get_parameter(name)
 
 
 def _check_bytes(checks: Checks, world: int, rank: int) -> None:
@@ -419,11 +454,12 @@ def _worker(rank: int, world: int, store: str, out: str, ckpt: str) -> None:
     start = time.perf_counter()
     try:
         for layout in LAYOUTS:
-            full, model = _check_training(checks, layout, world, rank, sparse=False)
+            ref, model, optimizer = _check_training(checks, layout, world, rank, sparse=False)
+            full = ref["model"]
             _check_inference(checks, layout, rank, full, model)
             _check_loss_options(checks, layout, world, rank)
             if layout == "identity":
-                _check_checkpoints(checks, world, rank, Path(ckpt), full, model)
+                _check_checkpoints(checks, world, rank, Path(ckpt), ref, model, optimizer)
         _check_training(checks, "custom", world, rank, sparse=True)
         _check_construction(checks, world, rank, Path(store))
         _check_bytes(checks, world, rank)
@@ -433,6 +469,8 @@ def _worker(rank: int, world: int, store: str, out: str, ckpt: str) -> None:
     finally:
         checks.results["seconds"] = f"{time.perf_counter() - start:.1f}"  # type: ignore[assignment]
         torch.save(checks.results, out)
+        gc.collect()  # DDP wrappers and their pending work go before the process group
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -494,7 +532,8 @@ def test_sharded_matches_ddp(launched: dict[int, list[dict[str, Any]]], world: i
         assert results[check] is None, f"rank {rank} of {world}: {results[check]}"
 
 
-@pytest.mark.parametrize("check", ["dcp-other-world-size", "load-full-state-dict"])
+@pytest.mark.parametrize(
+    "check", ["dcp-other-world-size", "load-full-state-dict", "optimizer-state-sparse"])
 def test_checkpoints(launched: dict[int, list[dict[str, Any]]], check: str) -> None:
     """Saved with 2 ranks by ``torch.distributed.checkpoint``, loaded with 4."""
     for rank, results in enumerate(launched[4]):
