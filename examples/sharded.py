@@ -1,11 +1,11 @@
-"""Train a hierarchical head whose bottom layers are sharded across processes.
+"""Train a hierarchical head whose nodes are sharded across processes.
 
-Each process holds the projection and the top layer whole, and the bottom layers of
+Each process holds the projection whole, and the top-layer rows and bottom layers of
 ``1 / world`` of the nodes (:class:`hsoftmax.distributed.ShardedHierarchicalSoftmax`), with
 their optimizer state; the small backbone is replicated by DDP. Per step the ranks exchange
 hidden vectors and targets, never bottom rows. At the end the script checks the exact top-5
 of the sharded head against the full head gathered on rank 0, and saves a sharded checkpoint
-with :mod:`torch.distributed.checkpoint`.
+of the head and its optimizer state with :mod:`torch.distributed.checkpoint`.
 
 Run::
 
@@ -32,7 +32,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import hsoftmax
-from hsoftmax.distributed import ShardedCrossEntropy, gather_head, shard_head
+from hsoftmax.distributed import (
+    ShardedCrossEntropy,
+    gather_head,
+    optimizer_state_dict,
+    shard_head,
+)
 
 IN_FEATURES, N_TOP, N_BOTTOM, HIDDEN = 64, 200, 50, 32  # 10,000 classes
 
@@ -106,7 +111,8 @@ def train(steps: int, batch: int, backend: str) -> None:
     with tempfile.TemporaryDirectory() as folder:  # a checkpoint any world size can load
         path = [folder]
         dist.broadcast_object_list(path)
-        dcp.save({"head": head.state_dict()}, checkpoint_id=path[0])
+        state = {"head": head.state_dict(), "optim": optimizer_state_dict(head, optimizer)}
+        dcp.save(state, checkpoint_id=path[0])
         dist.barrier()
         if rank == 0:
             print(f"sharded checkpoint saved with torch.distributed.checkpoint: "

@@ -926,7 +926,8 @@ def _initialise_state(head: ShardedHierarchicalSoftmax, optimizer: torch.optim.O
         sparse = head.sparse and (p is head.bottom_weight or p is head.bottom_bias)
         p.grad = (
             torch.sparse_coo_tensor(torch.empty(1, 0, dtype=torch.long, device=p.device),
-                                    p.new_empty((0, *p.shape[1:])), p.shape)
+                                    p.new_empty((0, *p.shape[1:])), p.shape,
+                                    check_invariants=False)
             if sparse else torch.zeros_like(p)
         )
     others = [(q, q.grad) for g in optimizer.param_groups for q in g["params"] if id(q) not in new]
