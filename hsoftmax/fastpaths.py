@@ -1,4 +1,4 @@
-"""When a fast path may replace the reference path: the switch and the one-time timings.
+"""When a fast path may replace the reference path: the switch and the timings.
 
 The reference path (:mod:`hsoftmax.bottom` and :mod:`hsoftmax.functional`) uses public torch
 ops only and defines the results. Each fast path lives in its own module and is proven equal to
@@ -12,7 +12,8 @@ it by the same contract tests:
 
 A fast path runs only where it is correct for the call (each module's ``applies``) and was
 measured faster on this machine for calls of that kind: the first such call times both paths
-and the answer is kept for the process, as ``torch.backends.cudnn.benchmark`` does.
+and the answer is kept, as ``torch.backends.cudnn.benchmark`` does, and checked again after 10,
+100, 1,000, ... more calls.
 :func:`use_reference_path` (or the environment variable ``HSOFTMAX_REFERENCE=1``) forces the
 reference path everywhere.
 """
@@ -23,6 +24,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 
 import torch
 
@@ -31,9 +33,21 @@ __all__ = ["clear_timings", "eager", "measured_faster", "size_bucket", "use_refe
 #: ``"measure"``: a fast path runs where it applies and was measured faster; ``"reference"``:
 #: never; ``"fast"``: wherever it applies (for tests).
 _policy = "reference" if os.environ.get("HSOFTMAX_REFERENCE", "") not in ("", "0") else "measure"
-_timings: dict[Hashable, bool] = {}
+
+
+@dataclass
+class _Timing:
+    faster: bool  # the fast path won
+    calls_left: int  # calls of this kind before timing again
+    period: int  # the calls between the next two timings
+
+
+_timings: dict[Hashable, _Timing] = {}
 _lock = threading.Lock()
 _ROUNDS = 3
+#: A choice is timed again after this many calls of its kind, then 10 times as many, and so on:
+#: a choice made during a burst of load on the machine does not stick for the whole process.
+_FIRST_RETIMING = 10
 #: A call whose reference path takes less than this keeps it: timing both paths would cost more
 #: than a fast path could save.
 _WORTH_TIMING_S = 1e-3
@@ -87,8 +101,10 @@ def measured_faster(
 
     Under the default policy, the first call of each ``key`` runs the reference once; if it took
     less than a millisecond, the reference is kept. Otherwise the fast path runs once to warm up,
-    then both run ``3`` alternating rounds, and the answer (the best round of each) is kept for
-    the process.
+    then both run ``3`` alternating rounds, and the answer (the best round of each) is kept. The
+    choice is timed again after 10 more calls of its kind, then after 100, 1,000 and so on, so
+    that a choice made during a burst of load does not stick (the timing then costs under 10%
+    of those calls, and ever less).
 
     Args:
         key: what the speed of the call depends on (device, dtypes, shapes, batch size bucket).
@@ -99,21 +115,28 @@ def measured_faster(
         return _policy == "fast"
     with _lock:
         known = _timings.get(key)
-    if known is not None:
-        return known
+        if known is not None and known.calls_left > 0:
+            known.calls_left -= 1
+            return known.faster
+    period = _FIRST_RETIMING if known is None else known.period
+    faster = _time(fast, reference)
+    with _lock:
+        _timings[key] = _Timing(faster, period, period * 10)
+    return faster
+
+
+def _time(fast: Callable[[], object], reference: Callable[[], object]) -> bool:
+    """Whether ``fast`` beats ``reference``: the best of 3 alternating rounds after a warm-up;
+    ``False`` at once when the reference takes under a millisecond."""
     best_reference = _seconds(reference)
     if best_reference < _WORTH_TIMING_S:  # too small a call to gain from a fast path
-        with _lock:
-            _timings[key] = False
         return False
     fast()
     best_fast = float("inf")
     for _ in range(_ROUNDS):
         best_fast = min(best_fast, _seconds(fast))
         best_reference = min(best_reference, _seconds(reference))
-    with _lock:
-        _timings[key] = best_fast < best_reference
-    return _timings[key]
+    return best_fast < best_reference
 
 
 def size_bucket(n: int) -> int:

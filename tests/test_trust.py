@@ -254,10 +254,13 @@ def test_a_fast_path_runs_only_where_measured_faster(
     assert fastpaths.measured_faster("key", fast, reference) == fast_is_faster
     assert fastpaths.measured_faster("key", fast, reference) == fast_is_faster  # cached
     assert runs == {"fast": 4, "reference": 4}  # timed once: a warm-up and three rounds
+    for _ in range(fastpaths._FIRST_RETIMING):
+        fastpaths.measured_faster("key", fast, reference)
+    assert runs == {"fast": 8, "reference": 8}  # timed again after 10 more calls
     fastpaths.clear_timings()
     assert not fastpaths._timings
     assert not fastpaths.measured_faster("tiny", run("fast", 0.0), run("reference", 0.0))
-    assert runs["fast"] == 4  # a call too small to time keeps the reference, untimed
+    assert runs["fast"] == 8  # a call too small to time keeps the reference, untimed
 
 
 @pytest.mark.parametrize("int8_share", [0.0, 1e9], ids=["int8-slow", "int8-fast"])
