@@ -571,10 +571,19 @@ class ShardedHierarchicalSoftmax(nn.Module):
     shards differ across ranks.
 
     Args:
-        in_features, n_top, n_bottom, hidden, num_classes, class_slots, activation, sparse,
-            device, dtype: as for :class:`~hsoftmax.HierarchicalSoftmax`. With
-            ``sparse=True`` the shard's gradients are sparse rows, for
-            :class:`~hsoftmax.SparseRowAdamW`.
+        in_features: size of each input sample.
+        n_top: number of nodes of the top layer (of the whole head).
+        n_bottom: number of slots per node.
+        hidden: size of the projection ``z``.
+        num_classes: number of classes, at most ``n_top * n_bottom``. Default:
+            ``n_top * n_bottom``, or the length of ``class_slots``.
+        class_slots: optional ``(num_classes,)`` positions of the classes, as for
+            :class:`~hsoftmax.HierarchicalSoftmax`. Default: the identity.
+        activation: as for :class:`~hsoftmax.HierarchicalSoftmax`. Default: ``'relu'``.
+        sparse: give the shard's bottom layers sparse gradients of the rows a step touches,
+            for :class:`~hsoftmax.SparseRowAdamW`. Default: ``False``.
+        device: device of the parameters. Default: ``None``.
+        dtype: floating dtype of the parameters. Default: ``None``.
         group: the process group. Default: ``None``, the default group.
         sync_replicated: average the replicated parameters' gradients over the group in
             ``backward()``. Default: ``True``.
