@@ -67,7 +67,7 @@ def train(steps: int, batch: int, backend: str) -> None:
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if backend == "nccl" else None
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    backbone = nn.Sequential(nn.Linear(IN_FEATURES, IN_FEATURES), nn.ReLU()).to(device)
+    backbone: nn.Module = nn.Sequential(nn.Linear(IN_FEATURES, IN_FEATURES), nn.ReLU()).to(device)
     backbone = DistributedDataParallel(backbone)
     with torch.device("meta"):  # never allocated whole: each rank allocates its shard only
         full = hsoftmax.HierarchicalSoftmax(IN_FEATURES, N_TOP, N_BOTTOM, HIDDEN)

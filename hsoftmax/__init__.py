@@ -13,6 +13,7 @@ from .counting import (
     hierarchical_head_parameters,
     parameter_bytes,
 )
+from .distributed import ShardedCrossEntropy, ShardedHierarchicalSoftmax, gather_head, shard_head
 from .fastpaths import use_reference_path
 from .functional import HierarchicalOutput
 from .loss import HierarchicalCrossEntropy
@@ -35,6 +36,8 @@ __all__ = [
     "HierarchicalOutput",
     "HierarchicalSoftmax",
     "RankingMetrics",
+    "ShardedCrossEntropy",
+    "ShardedHierarchicalSoftmax",
     "SparseRowAdamW",
     "__version__",
     "bottleneck_head_parameters",
@@ -44,11 +47,13 @@ __all__ = [
     "find_classifier",
     "flat_head_parameters",
     "functional",
+    "gather_head",
     "hierarchical_head_parameters",
     "macro_mean_reciprocal_rank",
     "mean_reciprocal_rank",
     "parameter_bytes",
     "replace_classifier",
+    "shard_head",
     "slots_from_embeddings",
     "slots_from_taxonomy",
     "split_parameters",

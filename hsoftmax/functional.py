@@ -265,6 +265,11 @@ def hierarchical_cross_entropy(
         True
     """
     check_loss_options(reduction, label_smoothing)
+    if hasattr(type(out), "cross_entropy"):  # an output that computes its own, e.g. a shard's
+        return out.cross_entropy(  # type: ignore[operator]
+            target, weight=weight, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing,
+        )
     target = check_target(target, tuple(out.hidden.shape[:-1]))
     check_target_values(target, out.num_classes, ignore_index)
     if weight is not None and weight.shape != (out.num_classes,):

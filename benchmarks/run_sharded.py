@@ -21,8 +21,8 @@ All methods of one world size run in one process group, one after the other, sma
 
 Run::
 
-    python benchmarks/sharded.py                  # writes benchmarks/results/sharded_cpu.{csv,md}
-    python benchmarks/sharded.py --quick --out /tmp/sharded
+    python benchmarks/run_sharded.py        # writes benchmarks/results/sharded_cpu.{csv,md}
+    python benchmarks/run_sharded.py --quick --out /tmp/sharded
 """
 
 from __future__ import annotations
@@ -161,14 +161,14 @@ def _setup(method: str, classes: int, world: int, rank: int) -> Setup:
         state = _state_bytes(list(head.parameters()))
         return (lambda: criterion(head(x), y)), optimizers, state, 0
     if method == "ddp":
-        head = hsoftmax.HierarchicalSoftmax(IN_FEATURES, n_top, n_bottom, HIDDEN,
+        full = hsoftmax.HierarchicalSoftmax(IN_FEATURES, n_top, n_bottom, HIDDEN,
                                             num_classes=classes)
-        model = nn.parallel.DistributedDataParallel(head)
-        criterion = hsoftmax.HierarchicalCrossEntropy()
-        params = list(head.parameters())
+        model = nn.parallel.DistributedDataParallel(full)
+        full_criterion = hsoftmax.HierarchicalCrossEntropy()
+        params: list[Tensor] = list(full.parameters())
         extra = 2 * sum(_bytes(p) for p in params) * (world - 1) // world  # DDP's all-reduce
         optimizers = [torch.optim.AdamW(params)]
-        return (lambda: criterion(model(x), y)), optimizers, _state_bytes(params), extra
+        return (lambda: full_criterion(model(x), y)), optimizers, _state_bytes(params), extra
     flat = VocabParallelHead(classes, world, rank)
 
     def step() -> Tensor:
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         writer = csv.DictWriter(f, FIELDS)
         writer.writeheader()
         writer.writerows({**r, **stamp} for r in rows)
-    command = "python benchmarks/sharded.py" + (" --quick" if a.quick else "")
+    command = "python benchmarks/run_sharded.py" + (" --quick" if a.quick else "")
     (a.out / "sharded_cpu.md").write_text(_markdown(rows, command))
     print(_markdown(rows, command))
     return 0
