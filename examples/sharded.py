@@ -33,7 +33,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 import hsoftmax
 from hsoftmax.distributed import (
-    ShardedCrossEntropy,
     gather_head,
     optimizer_state_dict,
     shard_head,
@@ -48,16 +47,6 @@ def make_data(samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, N_TOP * N_BOTTOM, (samples,), generator=g)
     return centres[y] + 0.5 * torch.randn(samples, IN_FEATURES, generator=g), y
-
-
-def criterion_for_sharded_output() -> nn.Module:
-    """``HierarchicalCrossEntropy`` where it hands a sharded output to the sharded loss."""
-    probe = type("Probe", (), {"cross_entropy": lambda self, target, **options: "sharded"})()
-    try:
-        answer = hsoftmax.functional.hierarchical_cross_entropy(probe, torch.zeros(1))
-    except Exception:
-        answer = None
-    return hsoftmax.HierarchicalCrossEntropy() if answer == "sharded" else ShardedCrossEntropy()
 
 
 def train(steps: int, batch: int, backend: str) -> None:
@@ -75,7 +64,7 @@ def train(steps: int, batch: int, backend: str) -> None:
     head.to_empty(device=device or "cpu")
     head.reset_parameters()  # the replicated parts are broadcast from rank 0
     optimizer = torch.optim.AdamW([*backbone.parameters(), *head.parameters()], lr=3e-3)
-    criterion = criterion_for_sharded_output()
+    criterion = hsoftmax.HierarchicalCrossEntropy()
     if rank == 0:
         print(f"{world} processes ({backend}), {N_TOP * N_BOTTOM:,} classes; rank 0 holds nodes "
               f"[{head.node_start}, {head.node_stop}) of {N_TOP}, "

@@ -180,7 +180,7 @@ def _check_training(checks: Checks, layout: str, world: int, rank: int, sparse: 
     if rows:
         optimizers.append(SparseRowAdamW(rows, lr=0.05))
     shard = slice(head.node_start, head.node_stop)
-    criterion = HierarchicalCrossEntropy() if _dispatches() else ShardedCrossEntropy()
+    criterion = HierarchicalCrossEntropy()
     for i, step in enumerate(_batches(layout, world)):
         for optimizer in optimizers:
             optimizer.zero_grad()
@@ -431,21 +431,6 @@ def _check_bytes(checks: Checks, world: int, rank: int) -> None:
     checks.run("bytes-independent-of-classes", same)
 
 
-def _dispatches() -> bool:
-    """Whether ``HierarchicalCrossEntropy`` hands a :class:`ShardedOutput` to its
-    ``cross_entropy`` (the dispatch in :func:`hsoftmax.functional.hierarchical_cross_entropy`)."""
-
-    class Probe:
-        def cross_entropy(self, target: Tensor, **options: Any) -> str:
-            return "dispatched"
-
-    try:
-        answer = hsoftmax.functional.hierarchical_cross_entropy(Probe(), torch.zeros(1))
-    except Exception:
-        return False
-    return answer == "dispatched"
-
-
 def _worker(rank: int, world: int, store: str, out: str, ckpt: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
@@ -541,10 +526,15 @@ def test_checkpoints(launched: dict[int, list[dict[str, Any]]], check: str) -> N
 
 
 def test_hierarchical_cross_entropy_dispatches() -> None:
-    """``HierarchicalCrossEntropy()(local(x), y)`` works once ``hierarchical_cross_entropy``
-    dispatches to ``out.cross_entropy``; until then the ranks use ``ShardedCrossEntropy``."""
-    if not _dispatches():
-        pytest.skip("hsoftmax.functional.hierarchical_cross_entropy does not dispatch yet")
+    """``HierarchicalCrossEntropy()(local(x), y)`` hands a sharded output to its own loss (the
+    ranks above train through it)."""
+
+    class Probe:
+        def cross_entropy(self, target: Tensor, **options: Any) -> str:
+            return "dispatched"
+
+    loss = hsoftmax.functional.hierarchical_cross_entropy(Probe(), torch.zeros(1))  # type: ignore[arg-type]
+    assert loss == "dispatched"
 
 
 def test_shard_range_covers_every_node_once() -> None:
