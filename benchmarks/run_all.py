@@ -45,6 +45,7 @@ from harness import (  # noqa: E402
     csv_path,
     default_mem_budget,
     progress,
+    read_csv,
     run_tasks,
     write_csv,
 )
@@ -165,6 +166,8 @@ def parse(argv: Sequence[str] | None) -> tuple[list[str], Options, argparse.Name
                    help="other jobs are running: flag every row (contention column +shared)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker process")
     p.add_argument("--no-report", action="store_true", help="write the CSVs only")
+    p.add_argument("--merge", action="store_true",
+                   help="replace only the rows of the tasks run in the existing CSVs")
     p.add_argument("--readme", default=str(HERE.parent / "README.md"),
                    help="README whose headline table the report rewrites ('' to leave it)")
     a = p.parse_args(argv)
@@ -191,6 +194,19 @@ def parse(argv: Sequence[str] | None) -> tuple[list[str], Options, argparse.Name
     return only, opts, a
 
 
+_ROW_KEY = ("task", "method", "variant", "classes", "batch", "threads", "contention")
+
+
+def _merged(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of ``old`` with those of the tasks in ``new`` replaced, in ``old``'s order."""
+    def key(row: dict[str, Any]) -> tuple[str, ...]:
+        return tuple(str(row.get(k, "")) for k in _ROW_KEY)
+
+    fresh = {key(row): row for row in new}
+    merged = [fresh.pop(key(row), row) for row in old]
+    return merged + list(fresh.values())
+
+
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     only, opts, a = parse(argv)
     start = time.perf_counter()
@@ -202,7 +218,10 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         progress(f"=== {name}: {len(tasks)} tasks x {suite_opts.rounds} rounds "
                  f"({time.perf_counter() - start:.0f} s elapsed)")
         rows = run_tasks(name, tasks, suite_opts, estimates)
-        written.append(write_csv(csv_path(name, suite_opts), rows))
+        path = csv_path(name, suite_opts)
+        if a.merge and path.exists():
+            rows = _merged(read_csv(path), rows)
+        written.append(write_csv(path, rows))
     if not a.no_report and written:
         readme = a.readme if opts.preset.name == "full" else ""
         written += report.main(["--results", str(opts.out), "--readme", readme])
