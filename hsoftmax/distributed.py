@@ -49,8 +49,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import functional as HF
+from .checks import check_loss_options
 from .functional import HierarchicalOutput
 from .grouping import ClassLayout, class_layout
+from .loss import HierarchicalCrossEntropy
 from .softmax import HierarchicalSoftmax, _make_activation
 
 __all__ = [
@@ -341,7 +343,7 @@ def sharded_cross_entropy(
     Returns:
         The loss of this rank's batch: a scalar, or ``(*)`` with ``reduction='none'``.
     """
-    HF.check_loss_options(reduction, label_smoothing)
+    check_loss_options(reduction, label_smoothing)
     head = out.head
     target = _checked_target(target, tuple(out.hidden.shape[:-1]), head.num_classes, ignore_index)
     if weight is not None and weight.shape != (head.num_classes,):
@@ -393,44 +395,16 @@ def sharded_cross_entropy(
     return loss.sum() / sample_weight.sum()
 
 
-class ShardedCrossEntropy(nn.Module):
-    """:class:`~hsoftmax.HierarchicalCrossEntropy` for :class:`ShardedOutput`: the same
-    options, the loss of :func:`sharded_cross_entropy`.
+class ShardedCrossEntropy(HierarchicalCrossEntropy):
+    """:class:`~hsoftmax.HierarchicalCrossEntropy` under the name of the sharded head: the same
+    options, and for a :class:`ShardedOutput` the loss of :func:`sharded_cross_entropy` (which
+    ``HierarchicalCrossEntropy`` hands it to).
 
     Example:
         >>> criterion = ShardedCrossEntropy(label_smoothing=0.1)
         >>> criterion
         ShardedCrossEntropy(ignore_index=-100, reduction='mean', label_smoothing=0.1)
     """
-
-    weight: Tensor | None
-
-    def __init__(
-        self,
-        weight: Tensor | None = None,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        label_smoothing: float = 0.0,
-    ) -> None:
-        super().__init__()
-        HF.check_loss_options(reduction, label_smoothing)
-        self.register_buffer("weight", weight)
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.label_smoothing = label_smoothing
-
-    def extra_repr(self) -> str:
-        return (
-            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-            f"label_smoothing={self.label_smoothing}"
-        )
-
-    def forward(self, output: ShardedOutput, target: Tensor) -> Tensor:
-        """Compute the loss; see :func:`sharded_cross_entropy`."""
-        return sharded_cross_entropy(
-            output, target, weight=self.weight, ignore_index=self.ignore_index,
-            reduction=self.reduction, label_smoothing=self.label_smoothing,
-        )
 
 
 # -- inference -----------------------------------------------------------------------------------
