@@ -49,7 +49,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import functional as HF
-from .checks import check_loss_options
+from .checks import check_loss_options, check_target, check_target_values
 from .functional import HierarchicalOutput
 from .grouping import ClassLayout, class_layout
 from .loss import HierarchicalCrossEntropy
@@ -290,31 +290,6 @@ def _describe(x: object) -> str:
     return str(x.dtype) if isinstance(x, Tensor) else type(x).__name__
 
 
-def _checked_target(
-    target: object, batch_shape: tuple[int, ...], num_classes: int, ignore_index: int
-) -> Tensor:
-    """``target`` as int64 after checking its type, shape and values (on this rank)."""
-    if not isinstance(target, Tensor) or target.dtype.is_floating_point or target.dtype in (
-        torch.bool, torch.complex64, torch.complex128
-    ):
-        raise TypeError(f"expected target of an integer dtype (class ids), got {_describe(target)}")
-    if tuple(target.shape) != batch_shape:
-        raise ValueError(
-            f"expected target of shape {batch_shape} (the input's leading dimensions), "
-            f"got {tuple(target.shape)}"
-        )
-    target = target.long()
-    bad = target[((target < 0) | (target >= num_classes)) & (target != ignore_index)]
-    if bad.numel():
-        raise IndexError(
-            f"expected target in [0, {num_classes}) or ignore_index={ignore_index}, "
-            f"got values in [{int(bad.min())}, {int(bad.max())}]"
-        )
-    return target
-
-
-
-
 def sharded_cross_entropy(
     out: ShardedOutput,
     target: Tensor,
@@ -345,7 +320,8 @@ def sharded_cross_entropy(
     """
     check_loss_options(reduction, label_smoothing)
     head = out.head
-    target = _checked_target(target, tuple(out.hidden.shape[:-1]), head.num_classes, ignore_index)
+    target = check_target(target, tuple(out.hidden.shape[:-1]))
+    check_target_values(target, head.num_classes, ignore_index)
     if weight is not None and weight.shape != (head.num_classes,):
         raise ValueError(
             f"expected weight of shape ({head.num_classes},) (one per class), "
