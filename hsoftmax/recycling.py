@@ -23,7 +23,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ["recycled_empty", "release"]
 
-_storages = WeakIdKeyDictionary()  # owner -> {purpose: UntypedStorage}, dropped with the owner
+# the owner's storage -> {purpose: UntypedStorage}, dropped with it. Keyed by the storage, so
+# that a detached alias of a parameter shares the parameter's work tensors.
+_storages = WeakIdKeyDictionary()
 _lock = threading.Lock()
 _COUNTS_USES = hasattr(torch._C, "_storage_Use_Count")  # without it, nothing is reused
 
@@ -38,7 +40,8 @@ def recycled_empty(owner: Tensor, purpose: str, shape: Sequence[int], dtype: tor
     ``(owner, purpose)`` last time when it is large enough and no longer referenced elsewhere.
 
     Args:
-        owner: the tensor the work belongs to, e.g. a parameter; its entries go with it.
+        owner: the tensor the work belongs to, e.g. a parameter; its entries go with its
+            storage, which its detached aliases share.
         purpose: which of the owner's work tensors this is.
         shape: the shape wanted.
         dtype: the dtype wanted.
@@ -56,7 +59,7 @@ def recycled_empty(owner: Tensor, purpose: str, shape: Sequence[int], dtype: tor
         return torch.empty(shape, dtype=dtype, device=owner.device)
     nbytes = dtype.itemsize * int(torch.Size(shape).numel())
     with _lock:
-        purposes = _storages.setdefault(owner, {})
+        purposes = _storages.setdefault(owner.untyped_storage(), {})
         storage = purposes.get(purpose)
         if storage is not None and storage.nbytes() >= nbytes and _unreferenced(storage):
             return torch.empty(0, dtype=dtype).set_(storage, 0, shape)  # type: ignore[call-overload]
@@ -83,4 +86,4 @@ def release(owner: Tensor | None = None) -> None:
         if owner is None:
             _storages.clear()
         else:
-            _storages.pop(owner, None)
+            _storages.pop(owner.untyped_storage(), None)

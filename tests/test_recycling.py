@@ -24,14 +24,21 @@ def test_storage_is_reused_only_once_unreferenced() -> None:
     assert recycled_empty(owner, "work", (5, 5), torch.float32).data_ptr() != pointer  # too small
 
 
+def test_a_detached_alias_shares_the_owners_work_tensors() -> None:
+    owner = torch.zeros(3)
+    pointer = recycled_empty(owner, "work", (4, 5), torch.float32).data_ptr()
+    assert recycled_empty(owner.detach(), "work", (4, 5), torch.float32).data_ptr() == pointer
+
+
 def test_release_forgets_an_owner_or_every_owner() -> None:
     a, b = torch.zeros(2), torch.zeros(2)
     for owner in (a, b):
         recycled_empty(owner, "work", (3,), torch.float32)
     release(a)
-    assert a not in recycling._storages and b in recycling._storages
+    storage_a, storage_b = a.untyped_storage(), b.untyped_storage()
+    assert storage_a not in recycling._storages and storage_b in recycling._storages
     release()
-    assert b not in recycling._storages
+    assert storage_b not in recycling._storages
 
 
 def _steps(
