@@ -10,11 +10,13 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "check_class_weight",
     "check_flag",
     "check_floating_dtype",
     "check_input",
     "check_int",
     "check_integer_tensor",
+    "check_k",
     "check_loss_options",
     "check_target",
     "check_target_values",
@@ -73,6 +75,24 @@ def check_loss_options(reduction: str, label_smoothing: float) -> None:
         raise ValueError(f"expected reduction in {REDUCTIONS}, got {reduction!r}")
     if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing <= 1.0):
         raise ValueError(f"expected label_smoothing in [0, 1], got {label_smoothing}")
+
+
+def check_class_weight(weight: Tensor | None, num_classes: int) -> None:
+    """Raise a ``ValueError`` unless ``weight`` is ``None`` or of shape ``(num_classes,)``."""
+    if weight is not None and weight.shape != (num_classes,):
+        raise ValueError(
+            f"expected weight of shape ({num_classes},) (one per class), "
+            f"got {tuple(weight.shape)}"
+        )
+
+
+def check_k(k: object, num_classes: int) -> int:
+    """Raise unless ``k`` is an int in ``[0, num_classes]``."""
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"expected k to be an int, got {type(k).__name__}")
+    if not 0 <= k <= num_classes:
+        raise ValueError(f"expected k in [0, {num_classes}] (num_classes), got {k}")
+    return k
 
 
 def check_tolerance(tolerance: object) -> float:

@@ -49,7 +49,17 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import functional as HF
-from .checks import check_loss_options, check_target, check_target_values
+from .checks import (
+    check_class_weight,
+    check_flag,
+    check_floating_dtype,
+    check_input,
+    check_int,
+    check_k,
+    check_loss_options,
+    check_target,
+    check_target_values,
+)
 from .functional import HierarchicalOutput
 from .grouping import ClassLayout, class_layout
 from .loss import HierarchicalCrossEntropy
@@ -286,10 +296,6 @@ def _owned(head: ShardedHierarchicalSoftmax, positions: Tensor) -> Tensor:
 # -- training ------------------------------------------------------------------------------------
 
 
-def _describe(x: object) -> str:
-    return str(x.dtype) if isinstance(x, Tensor) else type(x).__name__
-
-
 def sharded_cross_entropy(
     out: ShardedOutput,
     target: Tensor,
@@ -322,11 +328,7 @@ def sharded_cross_entropy(
     head = out.head
     target = check_target(target, tuple(out.hidden.shape[:-1]))
     check_target_values(target, head.num_classes, ignore_index)
-    if weight is not None and weight.shape != (head.num_classes,):
-        raise ValueError(
-            f"expected weight of shape ({head.num_classes},) (one per class), "
-            f"got {tuple(weight.shape)}"
-        )
+    check_class_weight(weight, head.num_classes)
     batch = _Batch(out)
     keep = (target != ignore_index).reshape(-1)
     safe_target = torch.where(keep, target.reshape(-1), 0)
@@ -417,10 +419,7 @@ def _log_probs(out: ShardedOutput) -> Tensor:
 
 def _topk(out: ShardedOutput, k: int) -> tuple[Tensor, Tensor]:
     head = out.head
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"expected k to be an int, got {type(k).__name__}")
-    if not 0 <= k <= head.num_classes:
-        raise ValueError(f"expected k in [0, {head.num_classes}] (num_classes), got {k}")
+    check_k(k, head.num_classes)
     with torch.no_grad():
         batch = _Batch(out)
         scores, stats = _shard_scores(head, batch.gather_hidden())
@@ -565,9 +564,9 @@ class ShardedHierarchicalSoftmax(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_features", in_features), ("hidden", hidden)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"expected {name} to be a positive int, got {value!r}")
+        check_int("in_features", in_features)
+        check_int("hidden", hidden)
+        check_floating_dtype(dtype)
         if isinstance(class_slots, Tensor):
             class_slots = class_slots.cpu()
         layout = class_layout(n_top, n_bottom, num_classes, class_slots)
@@ -576,7 +575,7 @@ class ShardedHierarchicalSoftmax(nn.Module):
         self.in_features, self.n_top, self.n_bottom, self.hidden = (
             in_features, n_top, n_bottom, hidden
         )
-        self.sparse = bool(sparse)
+        self.sparse = check_flag("sparse", sparse)
         self.sync_replicated = bool(sync_replicated)
         self.node_start, self.node_stop = shard_range(n_top, self.world_size, self.rank)
         n_local = self.node_stop - self.node_start
@@ -671,13 +670,7 @@ class ShardedHierarchicalSoftmax(nn.Module):
         Returns:
             A :class:`ShardedOutput` for the loss and inference.
         """
-        if not isinstance(x, Tensor) or not x.dtype.is_floating_point:
-            raise TypeError(f"expected a floating-point torch.Tensor input, got {_describe(x)}")
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"expected input of shape (*, {self.in_features}) (in_features), "
-                f"got {tuple(x.shape)}"
-            )
+        check_input(x, self.in_features)
         self._hook_replicated()
         hidden = self.activation(self.proj(x))
         return ShardedOutput(hidden, self)

@@ -63,13 +63,14 @@ def _timed_call(
     sparse: bool,
 ) -> Callable[[], object]:
     """One call of ``logits_of`` on aliases of the arguments, with its backward when tracked,
-    that leaves no trace on them (no ``.grad``, no graph)."""
+    that leaves no trace on them (no ``.grad``, no graph, no hook). The aliases are made when
+    it runs: most calls only build it."""
     tracked = _tracked(weight, bias, hidden)
-    inputs = (weight, bias, hidden)
-    aliases = [t.detach().requires_grad_(tracked and t.requires_grad) for t in inputs]
-    wanted = [t for t in aliases if t.requires_grad]
 
     def run() -> object:
+        inputs = (weight, bias, hidden)
+        aliases = [t.detach().requires_grad_(tracked and t.requires_grad) for t in inputs]
+        wanted = [t for t in aliases if t.requires_grad]
         with torch.set_grad_enabled(tracked):
             logits = logits_of(*aliases, nodes, sparse)
             if not tracked:

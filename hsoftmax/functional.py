@@ -24,7 +24,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import bottom, fast_bottom
-from .checks import check_loss_options, check_target, check_target_values
+from .checks import (
+    check_class_weight,
+    check_k,
+    check_loss_options,
+    check_target,
+    check_target_values,
+)
 
 __all__ = [
     "HierarchicalOutput",
@@ -272,11 +278,7 @@ def hierarchical_cross_entropy(
         )
     target = check_target(target, tuple(out.hidden.shape[:-1]))
     check_target_values(target, out.num_classes, ignore_index)
-    if weight is not None and weight.shape != (out.num_classes,):
-        raise ValueError(
-            f"expected weight of shape ({out.num_classes},) (one per class), "
-            f"got {tuple(weight.shape)}"
-        )
+    check_class_weight(weight, out.num_classes)
 
     keep = (target != ignore_index).reshape(-1)
     safe_target = torch.where(keep, target.reshape(-1), 0)
@@ -434,10 +436,7 @@ def topk(out: HierarchicalOutput, k: int) -> tuple[Tensor, Tensor]:
         >>> torch.allclose(values, hsoftmax.functional.log_probs(out).topk(2).values)
         True
     """
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"expected k to be an int, got {type(k).__name__}")
-    if not 0 <= k <= out.num_classes:
-        raise ValueError(f"expected k in [0, {out.num_classes}] (num_classes), got {k}")
+    check_k(k, out.num_classes)
     hidden, top_logits = _flat(out)
     top = _log_softmax(top_logits)
     if fast_inference.chosen("topk", out, hidden, top, k):
